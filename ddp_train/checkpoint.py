@@ -1,0 +1,146 @@
+"""Crash-safe checkpoint files: write to a temp file, fsync, rename; then a manifest (size + sha256) marks
+the checkpoint complete. Loading verifies the manifest, uses torch.load(weights_only=True), and falls
+back from a damaged newest checkpoint to the previous good one with a warning naming the file."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+log = logging.getLogger("ddp_train")
+
+FORMAT_VERSION = 1
+STATE_KEYS = {"format", "model", "optimizer", "scheduler", "scaler", "progress", "rng", "wandb_run_id",
+              "config", "extra"}
+_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
+    """Writes step_XXXXXXXX.pt then its manifest step_XXXXXXXX.json. Raises OSError on failure, leaving
+    every earlier checkpoint untouched."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / checkpoint_name(step)
+    _atomic_write(path, lambda f: torch.save(state, f))
+    manifest = {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path),
+                "format": FORMAT_VERSION}
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest).encode()))
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest step first (complete or not)."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify(path: Path) -> str | None:
+    """None when `path` is complete and intact, else the reason it is not."""
+    manifest_path = path.with_suffix(".json")
+    if not path.is_file():
+        return "file missing"
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return "unreadable manifest"
+    if path.stat().st_size != manifest.get("bytes"):
+        return f"size {path.stat().st_size} != {manifest.get('bytes')} in the manifest (truncated)"
+    if _sha256(path) != manifest.get("sha256"):
+        return "checksum mismatch (corrupt)"
+    return None
+
+
+def newest_valid(directory: Path) -> Path | None:
+    """The newest intact checkpoint; warns for each damaged newer one. Raises when all are damaged."""
+    candidates = list_checkpoints(directory)
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+    if candidates:
+        raise CheckpointError(f"every checkpoint in {directory} is damaged; nothing to resume from "
+                              "(remove them or set checkpoint.resume=never to start over)")
+    return None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        msg = str(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "Weights only load failed" in msg:
+            first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln or "global" in ln), "")
+            raise CheckpointError(f"refused to load {path}: it holds pickled objects beyond tensors and "
+                                  f"plain containers, which could run code ({first[:160]})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a ddp_train checkpoint (top level is {type(state).__name__})")
+    missing, unexpected = STATE_KEYS - state.keys(), state.keys() - STATE_KEYS
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match this version's checkpoint layout: "
+                              f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+    return state
+
+
+def prune(directory: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop older ones and stale temp files."""
+    for tmp in directory.glob("*.tmp"):
+        tmp.unlink(missing_ok=True)
+    complete = [p for p in list_checkpoints(directory) if p.with_suffix(".json").is_file()]
+    for old in complete[keep_last:]:
+        old.with_suffix(".json").unlink(missing_ok=True)  # manifest first: never a manifest without data
+        old.unlink(missing_ok=True)

@@ -1,0 +1,375 @@
+"""The config schema (nested dataclasses = names, types and defaults), YAML loading, dotted overrides,
+validation. Precedence: command-line overrides > YAML file > dataclass defaults."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # run directory = <root>/<name>; None -> derived, stable across restarts
+    root: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist_mini"  # mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic
+    root: str = "data"
+    device_resident: Union[bool, Literal["auto"]] = "auto"
+    num_workers: int = 2
+    pin_memory: bool = True
+    augment: bool = False
+    download: bool = True
+    # synthetic only: any shape, classes and size (benchmarks, tests)
+    synthetic_train_size: int = 4096
+    synthetic_test_size: int = 1024
+    synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
+    synthetic_classes: int = 10
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn_dropout"  # mlp | cnn | cnn_dropout (+ torchvision models)
+    dropout: float = 0.5  # cnn_dropout, efficientnet_*
+    pretrained: Optional[str] = None  # local state_dict file for torchvision models
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    warmup_steps: int = 0
+    step_size_epochs: int = 1  # step: decay every N epochs
+    gamma: float = 0.7  # step: multiply the LR by gamma
+    min_lr_ratio: float = 0.0  # cosine: final LR = lr * min_lr_ratio
+    pct_start: float = 0.3  # onecycle: fraction of steps spent increasing the LR
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
+    global_batch_size: int = 64
+    grad_accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: Optional[float] = None
+    label_smoothing: float = 0.0
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
+    channels_last: bool = False
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1
+    eval_batch_size: int = 1000
+    deterministic: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = 600
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_epochs: Optional[int] = 1
+    keep_last: int = 3
+    resume: str = "auto"  # auto | never | PATH
+    # Signals that request a save-and-exit at the next step boundary (exit code 75 = requeue me).
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = field(
+        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "ddp_train"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    job_type: str = "train"
+    tags: list[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    init_timeout_s: int = 30
+    log_checkpoints: bool = False
+
+
+@dataclass
+class LogConfig:
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `a.b=value` overrides; validated. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    cfg = from_dict(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (give a YAML file, e.g. configs/mnist_cnn.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections (run:, data:, ...)")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key or key.startswith("-"):
+        raise ConfigError(f"cannot read argument {item!r}: overrides look like key.sub=value")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text  # an unparseable scalar is a string
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema."""
+    cls = cls or Config
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(t):
+            keys += all_keys(t, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """(key, type name, default) for every leaf, for --help."""
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            val = getattr(obj, f.name)
+            if dataclasses.is_dataclass(val):
+                walk(val, f"{prefix}{f.name}.")
+            else:
+                out.append((prefix + f.name, _type_name(_hints(type(obj))[f.name]), val))
+
+    walk(Config(), "")
+    return out
+
+
+# ------------------------------------------------------------------------------------ conversion
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _closest(name: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(candidates)}"
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            full = prefix + str(key)
+            raise ConfigError(f"unknown config key '{full}'" + _closest_full(full))
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            kwargs[key] = from_dict(t, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = coerce(value, t, prefix + key)
+    return cls(**kwargs)
+
+
+def _closest_full(full: str) -> str:
+    keys = all_keys()
+    sections = [f.name for f in dataclasses.fields(Config)]
+    match = difflib.get_close_matches(full, keys + sections, n=1, cutoff=0.6)
+    if not match:  # e.g. 'lr' alone: compare with the last part of every key
+        leaf = full.rsplit(".", 1)[-1]
+        by_leaf = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+        match = [by_leaf[m[0]]] if m else []
+    return f"; did you mean '{match[0]}'?" if match else " (see --help for every key)"
+
+
+def coerce(value: Any, t: Any, key: str) -> Any:
+    """Check `value` against type annotation `t`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arm in args:
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"'{key}' must be {_type_name(t)}, got {value!r}")
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and True in args):
+            return value
+        raise ConfigError(f"'{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = [value]  # tags=foo on the command line
+            else:
+                raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if t is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return " | ".join(map(str, args))
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return "null" if t is type(None) else getattr(t, "__name__", str(t))
+
+
+# ------------------------------------------------------------------------------------ validation
+def _require(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {what}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that the types cannot express. World-size checks live in run.py (need the world)."""
+    t, o, s, c, d = cfg.train, cfg.optim, cfg.sched, cfg.checkpoint, cfg.data
+    _require(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null", t.max_steps)
+    _require(t.global_batch_size >= 1, "train.global_batch_size", "must be >= 1", t.global_batch_size)
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1", t.grad_accum_steps)
+    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null", t.grad_clip)
+    _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
+    _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1", t.eval_every_epochs)
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)
+    _require(o.lr > 0, "optim.lr", "must be > 0", o.lr)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0", o.weight_decay)
+    _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)", o.momentum)
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             "must be two numbers in [0, 1)", o.betas)
+    _require(not (o.nesterov and (o.name != "sgd" or o.momentum == 0)), "optim.nesterov",
+             "needs optim.name=sgd and optim.momentum > 0", o.nesterov)
+    _require(s.warmup_steps >= 0, "sched.warmup_steps", "must be >= 0", s.warmup_steps)
+    _require(s.step_size_epochs >= 1, "sched.step_size_epochs", "must be >= 1", s.step_size_epochs)
+    _require(0 < s.gamma <= 1, "sched.gamma", "must be in (0, 1]", s.gamma)
+    _require(0 <= s.min_lr_ratio <= 1, "sched.min_lr_ratio", "must be in [0, 1]", s.min_lr_ratio)
+    _require(0 < s.pct_start < 1, "sched.pct_start", "must be in (0, 1)", s.pct_start)
+    _require(c.every_steps is None or c.every_steps >= 1, "checkpoint.every_steps", "must be >= 1 or null",
+             c.every_steps)
+    _require(c.every_epochs is None or c.every_epochs >= 1, "checkpoint.every_epochs",
+             "must be >= 1 or null", c.every_epochs)
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", c.keep_last)
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)", cfg.model.dropout)
+    _require(cfg.parallel.timeout_s >= 1, "parallel.timeout_s", "must be >= 1", cfg.parallel.timeout_s)
+    _require(d.synthetic_train_size >= 1 and d.synthetic_test_size >= 1, "data.synthetic_train_size",
+             "and data.synthetic_test_size must be >= 1", (d.synthetic_train_size, d.synthetic_test_size))
+    _require(len(d.synthetic_shape) == 3 and all(x >= 1 for x in d.synthetic_shape), "data.synthetic_shape",
+             "must be [channels, height, width]", d.synthetic_shape)
+    _require(d.synthetic_classes >= 2, "data.synthetic_classes", "must be >= 2", d.synthetic_classes)
+    if cfg.run.name is not None:
+        _require(cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name",
+                 "must be a plain directory name", cfg.run.name)

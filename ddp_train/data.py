@@ -1,0 +1,177 @@
+"""Per-rank batches for training and evaluation.
+
+Training order is DistributedSampler(seed, shuffle, drop_last=True) with set_epoch every epoch, on both
+paths: the device-resident path (the whole split normalised once on the device, batches by index) and
+the DataLoader path (workers, pinned memory). Each optimizer step consumes exactly global_batch_size
+samples; the incomplete last global batch of an epoch is dropped, which is what makes 1 process and N
+processes take the same optimizer steps. Evaluation shards the test split as rank::world with no padding,
+so every sample is counted exactly once."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+from .config import DataConfig
+from .datasets import DataInfo, ImageTensors, Splits
+from .dist import DistEnv
+from .errors import ConfigError
+
+RESIDENT_CPU_BYTES = 4 << 30  # float32 copy of a split kept in RAM when training on CPU
+RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
+
+
+def use_device_resident(cfg: DataConfig, splits: Splits, device: torch.device) -> bool:
+    if cfg.device_resident is False:
+        return False
+    if not splits.in_memory:
+        if cfg.device_resident is True:
+            raise ConfigError(f"data.device_resident=true needs an in-memory dataset; '{cfg.name}' is read "
+                              "from files: use data.device_resident=auto")
+        return False
+    if cfg.device_resident is True:
+        return True
+    need = 4 * (splits.train.images.numel() + splits.test.images.numel())
+    if device.type == "cuda":
+        return need < RESIDENT_GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    return need < RESIDENT_CPU_BYTES
+
+
+def normalise(images: torch.Tensor, info: DataInfo, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 [N,C,H,W] -> normalised float32 on `device`, once for the whole split."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+    x.sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class NormalisedTensors(Dataset):
+    """Per-sample normalisation of an in-memory split, for the DataLoader path."""
+
+    def __init__(self, split: ImageTensors, info: DataInfo):
+        self.split = split
+        self.mean = torch.tensor(info.mean).view(-1, 1, 1)
+        self.std = torch.tensor(info.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        return (self.split.images[i].float().div(255) - self.mean) / self.std, self.split.labels[i]
+
+
+class _ListSampler(Sampler):
+    """Iterates whatever index list the epoch set; lets persistent workers survive across epochs."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.device) -> DataLoader:
+    workers = cfg.num_workers
+    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                      pin_memory=cfg.pin_memory and device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      # its own generator: iterating must not draw from the global RNG (dropout's stream),
+                      # or a resumed run would see different random numbers than an uninterrupted one
+                      generator=torch.Generator().manual_seed(0))
+
+
+def _as_dataset(split, info: DataInfo) -> Dataset:
+    return NormalisedTensors(split, info) if isinstance(split, ImageTensors) else split
+
+
+class TrainBatches:
+    """Micro-batches for one epoch, from any optimizer step inside it (exact mid-epoch resume)."""
+
+    def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, micro_batch: int, accum: int,
+                 seed: int, device: torch.device, resident: bool, channels_last: bool = False):
+        self.micro, self.accum, self.device = micro_batch, accum, device
+        self.n = len(split)
+        self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // (micro_batch * accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.global_batch_size={micro_batch * accum * env.world_size} is larger "
+                              f"than the training split ({self.n} samples): lower train.global_batch_size")
+        self.resident = resident
+        if resident:
+            self.x = normalise(split.images, info, device, channels_last)
+            self.y = split.labels.to(device)
+        else:
+            self._sampler = _ListSampler()
+            self.loader = _loader(_as_dataset(split, info), micro_batch, self._sampler, cfg, device)
+        self.channels_last = channels_last
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for `epoch`: exactly DistributedSampler's."""
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        per_step = self.micro * self.accum
+        idx = self.order(epoch)[start_step * per_step: self.steps_per_epoch * per_step]
+        if self.resident:
+            idx = idx.to(self.device, non_blocking=True)
+            for i in range(0, len(idx), self.micro):
+                sel = idx[i: i + self.micro]
+                yield self.x[sel], self.y[sel]
+            return
+        self._sampler.indices = idx.tolist()
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
+
+
+class EvalBatches:
+    """This rank's share of the test split (rank::world, no padding) in equally many batches on every
+    rank; a rank whose share ran out yields None, so collectives inside forward (FSDP) stay matched."""
+
+    def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, batch_size: int,
+                 device: torch.device, resident: bool, channels_last: bool = False):
+        self.n = len(split)
+        self.shard = list(range(env.rank, self.n, env.world_size))
+        self.batch, self.device, self.resident = batch_size, device, resident
+        self.num_batches = math.ceil(math.ceil(self.n / env.world_size) / batch_size)
+        self.channels_last = channels_last
+        if resident:
+            self.x = normalise(split.images, info, device, channels_last)
+            self.y = split.labels.to(device)
+        else:
+            sub = torch.utils.data.Subset(_as_dataset(split, info), self.shard)
+            self.loader = _loader(sub, batch_size, None, cfg, device)
+
+    def dummy_input(self) -> torch.Tensor:
+        """One sample, for the forward a rank without data still runs to keep FSDP collectives matched."""
+        x = self.x[:1] if self.resident else self.loader.dataset.dataset[0][0].unsqueeze(0).to(self.device)
+        return x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+        produced = 0
+        if self.resident:
+            idx = torch.tensor(self.shard, dtype=torch.long, device=self.device)
+            for i in range(0, len(idx), self.batch):
+                sel = idx[i: i + self.batch]
+                produced += 1
+                yield self.x[sel], self.y[sel]
+        else:
+            for x, y in self.loader:
+                produced += 1
+                x = x.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+        for _ in range(self.num_batches - produced):
+            yield None

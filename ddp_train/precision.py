@@ -1,0 +1,24 @@
+"""Mixed precision policy: autocast dtype and a GradScaler that is only active for fp16."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, name: str, device: torch.device, fsdp: bool = False):
+        self.name = name
+        self.dtype = DTYPES[name]
+        self.device_type = device.type
+        # FSDP2 casts through its MixedPrecisionPolicy instead of autocast.
+        self.use_autocast = name != "fp32" and not fsdp
+        # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(name == "fp16"))
+
+    def autocast(self):
+        if not self.use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)

@@ -1,0 +1,171 @@
+"""What a checkpoint holds and when it is written: the CheckpointManager owns the save schedule (the loop
+only asks `due_*` and calls `save`), assembles the full train state (model, optimizer, scheduler,
+scaler, progress, every rank's RNG states, W&B id, config) and restores it for an exact resume."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import CheckpointConfig
+from .dist import DistEnv
+from .errors import CheckpointError
+
+log = logging.getLogger("ddp_train")
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class CheckpointManager:
+    def __init__(self, cfg: CheckpointConfig, directory: Path, env: DistEnv, config: dict, logger=None):
+        self.cfg, self.directory, self.env, self.config = cfg, directory, env, config
+        self.logger = logger
+        self.wandb_run_id: str | None = None
+        self.last_saved_step: int | None = None
+        self.save_seconds: list[float] = []
+        self.failures = 0
+
+    def due_step(self, step: int) -> bool:
+        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def due_epoch(self, epoch: int) -> bool:
+        return bool(self.cfg.every_epochs) and epoch % self.cfg.every_epochs == 0
+
+    # ----------------------------------------------------------------------------------------- save
+    def save(self, trainer, reason: str) -> Path | None:
+        """Collective: every rank calls it (RNG states are gathered); rank 0 writes the file."""
+        step = trainer.progress.step
+        if step == self.last_saved_step:
+            return None
+        start = time.perf_counter()
+        rngs = dist.all_gather_object(rng_state(self.env.device))
+        path = None
+        if self.env.is_main:
+            state = {"format": ckpt.FORMAT_VERSION, "model": trainer.model.state_dict(),
+                     "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                     "scaler": trainer.precision.scaler.state_dict(), "progress": trainer.progress_dict(),
+                     "rng": rngs, "wandb_run_id": self.wandb_run_id, "config": self.config,
+                     "extra": {"reason": reason, "world_size": self.env.world_size, "time": time.time()}}
+            try:
+                path = ckpt.write_checkpoint(self.directory, step, state)
+                ckpt.prune(self.directory, self.cfg.keep_last)
+            except OSError as e:
+                self.failures += 1
+                previous = ckpt.list_checkpoints(self.directory)
+                log.error("checkpoint save at step %d failed: %s; earlier checkpoints are untouched (newest: %s)",
+                          step, e, previous[0] if previous else "none")
+                path = None
+        # Nobody leaves before the file is complete: a launcher may kill rank 0 once another rank exits.
+        dist.barrier()
+        self.last_saved_step = step
+        if path is not None:
+            self.save_seconds.append(time.perf_counter() - start)
+            log.info("saved checkpoint %s (%s, %.2f s)", path, reason, self.save_seconds[-1])
+            if self.logger is not None:
+                self.logger.log_checkpoint(path, step)
+        return path
+
+    # --------------------------------------------------------------------------------------- resume
+    def _choose(self) -> str | None:
+        mode = self.cfg.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            path = ckpt.newest_valid(self.directory)
+            return str(path) if path else None
+        path = Path(mode)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint.resume={mode}: no such file (use auto, never or a checkpoint path)")
+        problem = ckpt.verify(path) if path.with_suffix(".json").exists() else None
+        if problem:
+            raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
+        return str(path)
+
+    def resume(self, trainer) -> Path | None:
+        """Restores the newest good checkpoint (or the configured one) on every rank; all ranks must
+        end on the same step. Returns the path, or None for a fresh start."""
+        start = time.perf_counter()
+        chosen = dist.decide_on_main(self.env, self._choose)
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        state = ckpt.read_checkpoint(path)
+        try:
+            trainer.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit this model: {_key_problem(str(e))}") from None
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.precision.scaler.load_state_dict(state["scaler"])
+        trainer.load_progress(state["progress"])
+        rngs = state["rng"]
+        if self.env.rank < len(rngs) and len(rngs) == self.env.world_size:
+            set_rng_state(rngs[self.env.rank], self.env.device)
+        else:
+            log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart (dropout "
+                        "and augmentation draws will differ from an uninterrupted run)", len(rngs),
+                        self.env.world_size)
+        self.wandb_run_id = state.get("wandb_run_id")
+        steps = dist.all_gather_object(trainer.progress.step)
+        if len(set(steps)) != 1:
+            raise CheckpointError(f"ranks resumed from different steps {steps}: is {self.directory} on a "
+                                  "filesystem every node sees?")
+        self.last_saved_step = trainer.progress.step
+        _warn_config_changes(state.get("config") or {}, self.config)
+        log.info("resumed from %s at step %d (epoch %d, step %d in epoch) in %.2f s", path,
+                 trainer.progress.step, trainer.progress.epoch, trainer.progress.step_in_epoch,
+                 time.perf_counter() - start)
+        return path
+
+
+def _key_problem(msg: str) -> str:
+    lines = [ln.strip() for ln in msg.splitlines() if "Missing key" in ln or "Unexpected key" in ln
+             or "size mismatch" in ln]
+    return "; ".join(lines)[:600] or msg.splitlines()[0][:300]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _warn_config_changes(old: dict, new: dict) -> None:
+    a, b = _flatten(old), _flatten(new)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+               and not k.startswith(("checkpoint.resume", "run.", "log."))]
+    if changed:
+        log.warning("resuming with a different config for %s: the run will not match an uninterrupted one",
+                    ", ".join(changed))

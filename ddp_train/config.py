@@ -29,7 +29,7 @@ class DataConfig:
     device_resident: Union[bool, Literal["auto"]] = "auto"
     num_workers: int = 2
     pin_memory: bool = True
-    augment: bool = False
+    augment: bool = True  # random rotation/translation (+flips where they keep the label), on the device
     download: bool = True
     # synthetic only: any shape, classes and size (benchmarks, tests)
     synthetic_train_size: int = 4096
@@ -57,7 +57,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    name: Literal["constant", "step", "cosine", "onecycle"] = "cosine"
     warmup_steps: int = 0
     step_size_epochs: int = 1  # step: decay every N epochs
     gamma: float = 0.7  # step: multiply the LR by gamma
@@ -67,7 +67,7 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 12
     max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
     global_batch_size: int = 64
     grad_accum_steps: int = 1

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from .augment import BatchAugment
 from .config import DataConfig
 from .datasets import DataInfo, ImageTensors, Splits
 from .dist import DistEnv
@@ -97,6 +98,7 @@ class TrainBatches:
     def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, micro_batch: int, accum: int,
                  seed: int, device: torch.device, resident: bool, channels_last: bool = False):
         self.micro, self.accum, self.device = micro_batch, accum, device
+        self.augment = BatchAugment(seed, env.rank, device, info.flips) if cfg.augment else None
         self.n = len(split)
         self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -125,14 +127,17 @@ class TrainBatches:
             idx = idx.to(self.device, non_blocking=True)
             for i in range(0, len(idx), self.micro):
                 sel = idx[i: i + self.micro]
-                yield self.x[sel], self.y[sel]
+                yield self._augment(self.x[sel]), self.y[sel]
             return
         self._sampler.indices = idx.tolist()
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            yield self._augment(x), y.to(self.device, non_blocking=True)
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        return self.augment(x) if self.augment is not None else x
 
 
 class EvalBatches:

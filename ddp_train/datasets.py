@@ -110,6 +110,19 @@ def _torchvision(cls_name: str, cfg: DataConfig, expected: str, **kw):
     return train, test
 
 
+def _gunzip_idx(raw: Path) -> None:
+    """torchvision reads extracted IDX files when it cannot download: unpack user-provided .gz files."""
+    import gzip
+    import shutil
+
+    if raw.is_dir():
+        for gz in raw.glob("*-ubyte.gz"):
+            target = gz.with_suffix("")
+            if not target.exists():
+                with gzip.open(gz, "rb") as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+
+
 MNIST_FILES = ("train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
                "t10k-labels-idx1-ubyte (or .gz)")
 
@@ -120,12 +133,14 @@ def _idx_split(ds) -> ImageTensors:
 
 @register("mnist")
 def mnist(cfg: DataConfig) -> Splits:
+    _gunzip_idx(Path(cfg.root) / "MNIST" / "raw")
     train, test = _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}")
     return Splits(_idx_split(train), _idx_split(test), _digits_info(MNIST_STATS))
 
 
 @register("fashion_mnist")
 def fashion_mnist(cfg: DataConfig) -> Splits:
+    _gunzip_idx(Path(cfg.root) / "FashionMNIST" / "raw")
     train, test = _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}")
     info = _digits_info(FASHION_STATS)
     info.class_names = list(train.classes)

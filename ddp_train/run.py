@@ -70,15 +70,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> Logger:
+def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> tuple[Logger, str | None]:
+    """(logger, W&B run id). Rank 0 only; the W&B id is None when W&B is off."""
     if not env.is_main:
-        return Logger()
+        return Logger(), None
     loggers: list[Logger] = [ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl")]
+    wandb_id = None
     if cfg.log.wandb.mode != "disabled":
         from .wandb_logger import WandbLogger
 
-        loggers.append(WandbLogger(cfg, env, run_dir))
-    return MultiLogger(loggers)
+        wb = WandbLogger(cfg, env, run_dir)
+        loggers.append(wb)
+        wandb_id = getattr(wb, "run_id", None)
+    return MultiLogger(loggers), wandb_id
 
 
 def run(cfg: Config, config_path: str | None = None) -> int:
@@ -117,8 +121,9 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total, train.steps_per_epoch)
         precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp")
 
-        logger = build_loggers(cfg, env, run_dir)
+        logger, wandb_id = build_loggers(cfg, env, run_dir)
         checkpointer = CheckpointManager(cfg.checkpoint, run_dir / "checkpoints", env, cfg.to_dict(), logger)
+        checkpointer.wandb_run_id = wandb_id
         trainer = Trainer(cfg, env, model, wrapped, optimizer, scheduler, precision, train, evals,
                           info.num_classes, logger, checkpointer, preemption)
         checkpointer.resume(trainer)

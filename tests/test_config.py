@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from ddp_train.config import Config, all_keys, load_config
+from ddp_train.errors import ConfigError
+
+
+def test_defaults_are_the_embedded_default_and_match_configs_default(tmp_path):
+    from conftest import CONFIGS
+
+    assert load_config(CONFIGS / "default.yaml").to_dict() == Config().to_dict()
+    cfg = Config()
+    assert (cfg.model.name, cfg.data.name, cfg.optim.name, cfg.optim.lr) == ("cnn_dropout", "mnist_mini", "adam", 1e-3)
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim: {lr: 0.1, name: sgd}\ntrain: {epochs: 3}\n")
+    cfg = load_config(p, ["optim.lr=3e-4", "log.wandb.tags=[a,b]", "train.grad_clip=1", "run.name=x"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.name == "sgd"  # override beats file, file beats default
+    assert cfg.train.epochs == 3
+    assert cfg.log.wandb.tags == ["a", "b"]
+    assert cfg.train.grad_clip == 1.0 and isinstance(cfg.train.grad_clip, float)
+    assert cfg.run.name == "x"
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim: {lr: 1e-3}\n")  # YAML 1.1 reads this as a string
+    assert load_config(p).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("lr=1", "did you mean 'optim.lr'?"),
+    ("trian.epochs=1", "unknown config key 'trian'; did you mean 'train'?"),
+    ("train.epochs=abc", "'train.epochs' must be an integer"),
+    ("train.epochs=0", "'train.epochs' must be >= 1"),
+    ("optim.lr=-1", "'optim.lr' must be > 0"),
+    ("optim.name=lamb", "'optim.name' must be one of adam, adamw, sgd"),
+    ("train.precision=fp8", "'train.precision' must be one of"),
+    ("data.augment=maybe", "'data.augment' must be true or false"),
+    ("optim.nesterov=true", "'optim.nesterov' needs optim.name=sgd"),
+])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml line .* is not valid YAML"):
+        load_config(bad)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.01", "log.wandb.tags=[x]"])
+    p = tmp_path / "config.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(p).to_dict() == cfg.to_dict()
+    assert yaml.safe_load(cfg.to_yaml())["optim"]["lr"] == 0.01
+
+
+def test_every_key_is_listed():
+    keys = all_keys()
+    for k in ("run.seed", "train.global_batch_size", "log.wandb.mode", "checkpoint.keep_last", "parallel.strategy"):
+        assert k in keys

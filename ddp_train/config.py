@@ -8,7 +8,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 @dataclass
 class RunConfig:
-    name: Optional[str] = None  # run directory = <root>/<name>; None -> derived, stable across restarts
+    name: str | None = None  # run directory = <root>/<name>; None -> derived, stable across restarts
     root: str = "runs"
     seed: int = 0
 
@@ -26,7 +26,7 @@ class RunConfig:
 class DataConfig:
     name: str = "mnist_mini"  # mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic
     root: str = "data"
-    device_resident: Union[bool, Literal["auto"]] = "auto"
+    device_resident: bool | Literal["auto"] = "auto"
     num_workers: int = 2
     pin_memory: bool = True
     augment: bool = True  # random rotation/translation (+flips where they keep the label), on the device
@@ -42,7 +42,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "cnn_dropout"  # mlp | cnn | cnn_dropout (+ torchvision models)
     dropout: float = 0.5  # cnn_dropout, efficientnet_*
-    pretrained: Optional[str] = None  # local state_dict file for torchvision models
+    pretrained: str | None = None  # local state_dict file for torchvision models
 
 
 @dataclass
@@ -68,13 +68,13 @@ class SchedConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 12
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides epochs)
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     global_batch_size: int = 64
     grad_accum_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: Optional[float] = None
+    grad_clip: float | None = None
     label_smoothing: float = 0.0
-    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
     channels_last: bool = False
     log_every_steps: int = 10
     eval_every_epochs: int = 1
@@ -91,8 +91,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: Optional[int] = None
-    every_epochs: Optional[int] = 1
+    every_steps: int | None = None
+    every_epochs: int | None = 1
     keep_last: int = 3
     resume: str = "auto"  # auto | never | PATH
     # Signals that request a save-and-exit at the next step boundary (exit code 75 = requeue me).
@@ -104,11 +104,11 @@ class CheckpointConfig:
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "ddp_train"
-    entity: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
     job_type: str = "train"
     tags: list[str] = field(default_factory=list)
-    notes: Optional[str] = None
+    notes: str | None = None
     init_timeout_s: int = 30
     log_checkpoints: bool = False
 

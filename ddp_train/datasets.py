@@ -3,9 +3,9 @@ Small datasets come back as whole uint8 tensors (ImageTensors), so the device-re
 them on the device once; folder datasets come back as torch Datasets for the DataLoader path."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -7,7 +7,16 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, check, engine_env, final_checkpoint, max_param_diff, read_jsonl, run_engine, train_losses
+from conftest import (
+    CONFIGS,
+    check,
+    engine_env,
+    final_checkpoint,
+    max_param_diff,
+    read_jsonl,
+    run_engine,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -140,7 +140,13 @@ def prune(directory: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints; drop older ones and stale temp files."""
     for tmp in directory.glob("*.tmp"):
         tmp.unlink(missing_ok=True)
-    complete = [p for p in list_checkpoints(directory) if p.with_suffix(".json").is_file()]
+    everything = list_checkpoints(directory)
+    complete = [p for p in everything if p.with_suffix(".json").is_file()]
     for old in complete[keep_last:]:
         old.with_suffix(".json").unlink(missing_ok=True)  # manifest first: never a manifest without data
         old.unlink(missing_ok=True)
+    if complete:  # data files left without a manifest by a crash, older than a complete checkpoint
+        newest = complete[0]
+        for orphan in everything[everything.index(newest) + 1:]:
+            if not orphan.with_suffix(".json").is_file():
+                orphan.unlink(missing_ok=True)

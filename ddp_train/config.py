@@ -98,6 +98,8 @@ class CheckpointConfig:
     # Signals that request a save-and-exit at the next step boundary (exit code 75 = requeue me).
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = field(
         default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    # Fault injection: behave as if a preemption signal arrived after this optimizer step (verify_resume).
+    simulate_preempt_at_step: int | None = None
 
 
 @dataclass

@@ -114,6 +114,11 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: int = 600) -> None:
     if backend == "nccl":
         kwargs["device_id"] = env.device  # eager NCCL init: a bad GPU fails here, not at the first step
     timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent store outlives restarted workers; without a per-attempt prefix the new group
+        # reads the dead workers' gloo addresses ("connectFullMesh ... Connection refused").
+        base = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+        kwargs["store"] = dist.PrefixStore(f"ddp_train/attempt_{restart_count()}", base)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             **kwargs)
     global _CONTROL_GROUP

@@ -21,17 +21,21 @@ from .errors import CheckpointError
 log = logging.getLogger("ddp_train")
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
+def rng_state(device: torch.device, augment=None) -> dict[str, Any]:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if augment is not None:
+        state["augment"] = augment.state().cpu()
     return state
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device, augment=None) -> None:
+    if augment is not None and "augment" in state:
+        augment.set_state(state["augment"])
     torch.set_rng_state(state["torch"])
     random.setstate(_tuples(state["python"]))
     n = state["numpy"]
@@ -66,7 +70,7 @@ class CheckpointManager:
         if step == self.last_saved_step:
             return None
         start = time.perf_counter()
-        rngs = dist.all_gather_object(rng_state(self.env.device))
+        rngs = dist.all_gather_object(rng_state(self.env.device, trainer.train.augment))
         path = None
         if self.env.is_main:
             state = {"format": ckpt.FORMAT_VERSION, "model": trainer.model.state_dict(),
@@ -128,7 +132,7 @@ class CheckpointManager:
         trainer.load_progress(state["progress"])
         rngs = state["rng"]
         if self.env.rank < len(rngs) and len(rngs) == self.env.world_size:
-            set_rng_state(rngs[self.env.rank], self.env.device)
+            set_rng_state(rngs[self.env.rank], self.env.device, trainer.train.augment)
         else:
             log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart (dropout "
                         "and augmentation draws will differ from an uninterrupted run)", len(rngs),
@@ -165,7 +169,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _warn_config_changes(old: dict, new: dict) -> None:
     a, b = _flatten(old), _flatten(new)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-               and not k.startswith(("checkpoint.resume", "run.", "log."))]
+               and not k.startswith(("checkpoint.", "run.", "log."))]
     if changed:
         log.warning("resuming with a different config for %s: the run will not match an uninterrupted one",
                     ", ".join(changed))

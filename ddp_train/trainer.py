@@ -101,6 +101,8 @@ class Trainer:
                         self._log_train(loss_sum, steps_since_log, time.perf_counter() - window_start)
                         loss_sum.zero_()
                         steps_since_log, window_start = 0, time.perf_counter()
+                    if p.step == cfg.checkpoint.simulate_preempt_at_step:
+                        self.preemption.requested, self.preemption.signal_name = True, "simulated"
                     if dist.any_rank(self.preemption.requested):
                         self._preempt()
                     if p.step >= self.total_steps:

@@ -67,7 +67,10 @@ def write_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     every earlier checkpoint untouched."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(step)
-    _atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        _atomic_write(path, lambda f: torch.save(state, f))
+    except RuntimeError as e:  # torch's zip writer reports a failed write (full disk) as RuntimeError
+        raise OSError(f"writing {path} failed: {str(e).splitlines()[0][:200]}") from e
     manifest = {"file": path.name, "step": step, "bytes": path.stat().st_size, "sha256": _sha256(path),
                 "format": FORMAT_VERSION}
     _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest).encode()))

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = next((x for x in a.engine_args if "=" not in x), None)
     overrides = [x for x in a.engine_args if "=" in x]
     try:
-        cfg = load_config(config_path, overrides)
+        load_config(config_path, overrides)  # a bad config fails here, before three launches
     except UserError as e:
         print(f"verify_resume: error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT

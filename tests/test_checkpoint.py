@@ -1,0 +1,66 @@
+"""Checkpoint files: manifests, keep_last, fallback, and a real failed write (RLIMIT_FSIZE, the kernel's
+'file too large', stands in for a full disk) that must leave earlier checkpoints intact."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddp_train import checkpoint as ckpt
+from ddp_train.errors import CheckpointError
+
+
+def state(step):
+    return {"format": 1, "model": {"w": torch.full((4,), float(step))}, "optimizer": {}, "scheduler": {},
+            "scaler": {}, "progress": {"step": step}, "rng": [], "wandb_run_id": None, "config": {}, "extra": {}}
+
+
+def test_keep_last_and_orphans(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        ckpt.write_checkpoint(tmp_path, step, state(step))
+        ckpt.prune(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000005.pt", "step_00000004.pt"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["step_00000004.json", "step_00000005.json"]
+    (tmp_path / "step_00000003.pt").write_bytes(b"half-written, no manifest")
+    (tmp_path / "step_00000004.pt.tmp").write_bytes(b"x")
+    ckpt.prune(tmp_path, keep_last=2)
+    assert not (tmp_path / "step_00000003.pt").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_newest_valid_skips_damaged_and_names_it(tmp_path, caplog):
+    for step in (1, 2):
+        ckpt.write_checkpoint(tmp_path, step, state(step))
+    newest = tmp_path / "step_00000002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert ckpt.newest_valid(tmp_path) == tmp_path / "step_00000001.pt"
+    assert "step_00000002.pt is unusable (size" in caplog.text
+    assert ckpt.read_checkpoint(tmp_path / "step_00000001.pt")["progress"]["step"] == 1
+
+
+def test_unexpected_layout_names_the_keys(tmp_path):
+    p = tmp_path / "x.pt"
+    torch.save({"model": {}, "bogus": 1}, p)
+    with pytest.raises(CheckpointError, match=r"missing keys \[.*'optimizer'.*\], unexpected keys \['bogus'\]"):
+        ckpt.read_checkpoint(p)
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+    code = f"""
+import resource, signal, torch, sys
+from pathlib import Path
+from ddp_train import checkpoint as ckpt
+d = Path({str(tmp_path)!r})
+ckpt.write_checkpoint(d, 1, {{"model": {{"w": torch.zeros(10)}}}})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG as an OSError instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    ckpt.write_checkpoint(d, 2, {{"model": {{"w": torch.zeros(100000)}}}})
+except OSError as e:
+    print("OSError", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "OSError writing" in out.stdout and "step_00000002.pt failed" in out.stdout, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "step_00000002.pt").exists() and not (tmp_path / "step_00000002.json").exists()
+    assert ckpt.verify(tmp_path / "step_00000001.pt") is None
+    assert ckpt.newest_valid(tmp_path) == tmp_path / "step_00000001.pt"

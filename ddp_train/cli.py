@@ -2,7 +2,7 @@
 process, so a user mistake exits 2 before any worker starts, then execs torchrun or the engine.
 
   ddp-train [--nproc-per-node N] [--nnodes N --rdzv-endpoint HOST:PORT] [--max-restarts K] [CONFIG] [k=v ...]
-  ddp-train compare|evaluate|export|predict|verify-resume ...   (the tools, same as python -m ddp_train.X)
+  ddp-train verify-resume ...   (the tools, same as python -m ddp_train.X)
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import importlib
 import os
 import sys
 
-TOOLS = {"compare": "ddp_train.compare", "evaluate": "ddp_train.evaluate", "export": "ddp_train.export",
-         "predict": "ddp_train.predict", "verify-resume": "ddp_train.verify_resume"}
+TOOLS = {"verify-resume": "ddp_train.verify_resume"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -213,10 +212,6 @@ def getenv(key: str, default: str | None = None) -> str | None:
     return os.environ.get(key, default)
 
 
-def setenv_default(key: str, value: str) -> None:
-    os.environ.setdefault(key, value)
-
-
 def restart_count() -> int:
     """How many times torchrun restarted this worker group, or SLURM requeued this job."""
     for key in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
@@ -252,6 +247,3 @@ def _process_start_time(pid: int) -> float | None:
     except (OSError, ValueError, IndexError, StopIteration):
         return None
 
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -141,7 +141,7 @@ class Trainer:
                    "val/top5": result["top5"], "val/count": result["count"]}
         self.logger.log_metrics(metrics, self.progress.step)
         self.last_eval = result
-        self.history.append({"step": self.progress.step, **{k: v for k, v in metrics.items()}})
+        self.history.append({"step": self.progress.step, **metrics})
         return result
 
     def _preempt(self) -> None:

@@ -41,6 +41,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("train.precision=fp8", "'train.precision' must be one of"),
     ("data.augment=maybe", "'data.augment' must be true or false"),
     ("optim.nesterov=true", "'optim.nesterov' needs optim.name=sgd"),
+    ("parallel.strategy=fsdp", "'parallel.strategy' fsdp is not available yet; use ddp"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -35,11 +35,15 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        # LOCAL rank picks the GPU: the global rank breaks on 2+ nodes.
         if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            return torch.device("cuda", self.local_rank % n)
+            return torch.device("cuda", cuda_index(self.local_rank, torch.cuda.device_count()))
         return torch.device("cpu")
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The LOCAL rank picks the GPU (the global rank breaks on 2+ nodes). When SLURM/submitit restricts
+    CUDA_VISIBLE_DEVICES to this task's own GPU, `visible` is 1 and every task uses its index 0."""
+    return local_rank % visible
 
 
 def _int(env: dict[str, str], key: str) -> int:
@@ -59,14 +63,20 @@ def from_env(env: dict[str, str] | None = None) -> DistEnv:
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
                        launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _int(env, "SLURM_NTASKS") > 1:
-        ntasks = _int(env, "SLURM_NTASKS")
-        nnodes = _int(env, "SLURM_JOB_NUM_NODES") if "SLURM_JOB_NUM_NODES" in env else 1
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _port_from_job(env.get("SLURM_JOB_ID", "0"))
-        return DistEnv(rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID"),
-                       world_size=ntasks, local_world_size=max(1, ntasks // max(1, nnodes)),
-                       master_addr=addr, master_port=port, launcher="slurm")
+    # Only inside an srun step (SLURM_STEP_ID): a batch script also carries SLURM_PROCID=0 and the
+    # allocation's SLURM_NTASKS, and a lone `python -m ddp_train` there must not wait for absent ranks.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        ntasks = _int(env, "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS")
+        if ntasks > 1:
+            per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
+            nnodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else 1
+            addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST")
+                                                               or env.get("SLURM_JOB_NODELIST", ""))
+            port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _port_from_job(env.get("SLURM_JOB_ID", "0"))
+            return DistEnv(rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID"),
+                           world_size=ntasks,
+                           local_world_size=int(per_node) if per_node.isdigit() else max(1, ntasks // nnodes),
+                           master_addr=addr, master_port=port, launcher="slurm")
     return DistEnv()
 
 

@@ -39,15 +39,20 @@ def micro_batch_size(cfg: Config, env: DistEnv) -> int:
     return t.global_batch_size // parts
 
 
+def default_run_name(config_path: str | None, launch: str | None) -> str:
+    """<config stem>-<launch id>; the SLURM launcher predicts its jobs' directories with this too."""
+    stem = Path(config_path).stem if config_path else "default"
+    return f"{stem}-{launch or time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def resolve_run_dir(cfg: Config, config_path: str | None) -> str:
     """Rank 0 names the run. Unnamed runs get <config>-<launch id>: SLURM's job id or the torchrun agent's
     start time, both kept across requeues/restarts, so those continue the same directory."""
     root = Path(cfg.run.root)
     name = cfg.run.name
     if name is None:
-        stem = Path(config_path).stem if config_path else "default"
         launch = dist.launch_id()
-        name = f"{stem}-{launch or time.strftime('%Y%m%d-%H%M%S')}"
+        name = default_run_name(config_path, launch)
         fresh = launch is None or (not launch.startswith("job") and dist.restart_count() == 0)
         base, n = name, 1
         while fresh and (root / name).exists():  # two launches in the same second

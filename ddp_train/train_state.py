@@ -70,14 +70,16 @@ class CheckpointManager:
         if step == self.last_saved_step:
             return None
         start = time.perf_counter()
-        rngs = dist.all_gather_object(rng_state(self.env.device, trainer.train.augment))
+        per_rank = dist.all_gather_object((rng_state(self.env.device, trainer.train.augment), trainer.window_state()))
+        rngs, windows = [r for r, _ in per_rank], [w for _, w in per_rank]
         path = None
         if self.env.is_main:
             state = {"format": ckpt.FORMAT_VERSION, "model": trainer.model.state_dict(),
                      "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
                      "scaler": trainer.precision.scaler.state_dict(), "progress": trainer.progress_dict(),
                      "rng": rngs, "wandb_run_id": self.wandb_run_id, "config": self.config,
-                     "extra": {"reason": reason, "world_size": self.env.world_size, "time": time.time()}}
+                     "extra": {"reason": reason, "world_size": self.env.world_size, "time": time.time(),
+                               "loss_window": windows}}
             try:
                 path = ckpt.write_checkpoint(self.directory, step, state)
                 ckpt.prune(self.directory, self.cfg.keep_last)
@@ -133,6 +135,9 @@ class CheckpointManager:
         rngs = state["rng"]
         if self.env.rank < len(rngs) and len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank], self.env.device, trainer.train.augment)
+            windows = (state.get("extra") or {}).get("loss_window")
+            if windows and len(windows) == self.env.world_size:
+                trainer.set_window_state(windows[self.env.rank])
         else:
             log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart (dropout "
                         "and augmentation draws will differ from an uninterrupted run)", len(rngs),

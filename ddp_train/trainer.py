@@ -54,6 +54,10 @@ class Trainer:
         self.history: list[dict] = []  # eval results, for the summary
         self.last_eval: dict | None = None
         self.train_time = 0.0
+        # The current log window: this rank's summed losses (on the device) and steps. Checkpoints carry
+        # it, so the first loss logged after a resume averages the same steps as an uninterrupted run's.
+        self.loss_window = torch.zeros((), device=self.device)
+        self.steps_since_log = 0
 
     # ------------------------------------------------------------------------------------ stepping
     def _forward_backward(self, x, y, sync: bool) -> torch.Tensor:
@@ -78,8 +82,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, p = self.cfg, self.progress
         bar = Progress(cfg.log.progress_bar and self.env.is_main, self.total_steps, initial=p.step)
-        loss_sum = torch.zeros((), device=self.device)
-        steps_since_log, window_start = 0, time.perf_counter()
+        loss_sum = self.loss_window
+        window_start, untimed = time.perf_counter(), self.steps_since_log  # steps from before a resume
         start = time.perf_counter()
         self.wrapped.train()
         try:
@@ -95,12 +99,13 @@ class Trainer:
                     self._optimizer_step()
                     p.step += 1
                     p.step_in_epoch += 1
-                    steps_since_log += 1
+                    self.steps_since_log += 1
                     bar.update(1)
                     if p.step % cfg.train.log_every_steps == 0 or p.step == self.total_steps:
-                        self._log_train(loss_sum, steps_since_log, time.perf_counter() - window_start)
+                        self._log_train(loss_sum, self.steps_since_log, self.steps_since_log - untimed,
+                                        time.perf_counter() - window_start)
                         loss_sum.zero_()
-                        steps_since_log, window_start = 0, time.perf_counter()
+                        self.steps_since_log, untimed, window_start = 0, 0, time.perf_counter()
                     if p.step == cfg.checkpoint.simulate_preempt_at_step:
                         self.preemption.requested, self.preemption.signal_name = True, "simulated"
                     if dist.any_rank(self.preemption.requested):
@@ -123,13 +128,13 @@ class Trainer:
         self.checkpointer.save(self, reason="final")
         return final
 
-    def _log_train(self, loss_sum: torch.Tensor, steps: int, seconds: float) -> None:
+    def _log_train(self, loss_sum: torch.Tensor, steps: int, timed_steps: int, seconds: float) -> None:
         # The one host-device sync: every log interval. Mean of the global-batch losses = same number
         # at any world size.
         mean = dist.all_reduce_sum(loss_sum.detach().clone()).item() / (steps * self.env.world_size)
         metrics = {"epoch": self.progress.epoch, "train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0],
-                   "train/samples_per_s": steps * self.samples_per_step / max(seconds, 1e-9),
-                   "train/step_time_s": seconds / max(steps, 1)}
+                   "train/samples_per_s": timed_steps * self.samples_per_step / max(seconds, 1e-9),
+                   "train/step_time_s": seconds / max(timed_steps, 1)}
         self.logger.log_metrics(metrics, self.progress.step)
 
     def run_eval(self) -> dict:
@@ -156,3 +161,10 @@ class Trainer:
 
     def load_progress(self, d: dict) -> None:
         self.progress = TrainProgress(**d)
+
+    def window_state(self) -> tuple[float, int]:
+        return self.loss_window.item(), self.steps_since_log  # a sync, but only when saving
+
+    def set_window_state(self, state) -> None:
+        self.loss_window.fill_(float(state[0]))
+        self.steps_since_log = int(state[1])

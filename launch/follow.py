@@ -1,0 +1,182 @@
+"""--wait: follow submitted jobs through requeues until they end, stream rank 0's log, and when a job
+fails say which rank failed, why (exit code/signal/state in words) and show its last log lines."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from submitit.core.utils import JobPaths
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED", "SPECIAL_EXIT"}
+SRUN_TASK = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
+
+
+@dataclass
+class JobStatus:
+    state: str
+    exit_code: int = 0
+    signal: int = 0
+
+
+def status(job_id: str) -> JobStatus:
+    """sacct knows ended jobs (needs accounting); squeue knows queued/running ones."""
+    proc = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+    if proc and proc.returncode == 0 and proc.stdout.strip():
+        return JobStatus(proc.stdout.split()[0])
+    proc = _run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,ExitCode"])
+    for line in (proc.stdout.splitlines() if proc and proc.returncode == 0 else []):
+        jid, state, code = (line.split("|") + ["", "", ""])[:3]
+        if jid == job_id:
+            rc, _, sig = code.partition(":")
+            return JobStatus(state.split()[0], int(rc or 0), int(sig or 0))
+    return JobStatus("UNKNOWN")
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def explain(st: JobStatus) -> str:
+    """The exit reason in words, with the usual fix."""
+    if st.state == "OUT_OF_MEMORY" or st.exit_code in (137, -9) or st.signal == 9:
+        return "killed (SIGKILL / 137), probably out of memory: raise --mem or lower train.global_batch_size"
+    if st.state == "TIMEOUT":
+        return "hit the --time limit before finishing and was not requeued: raise --time or --max-requeues"
+    if st.state == "CANCELLED":
+        return "cancelled (scancel, or preempted with no requeue)"
+    if st.state in ("NODE_FAIL", "BOOT_FAIL"):
+        return "a node failed: resubmit; the run resumes from its last checkpoint"
+    if st.exit_code == 75:
+        return "preempted/timed out more often than --max-requeues allows: resubmit to resume from the checkpoint"
+    if st.exit_code == 2:
+        return "a configuration or input error (the one-line error above names it)"
+    if st.exit_code == 1:
+        return "a Python exception (traceback above)"
+    if st.signal:
+        return f"killed by signal {st.signal}"
+    return f"exit code {st.exit_code}"
+
+
+def failing_rank(logs: dict[int, str]) -> tuple[int, str | None]:
+    """(rank, srun's words for it). A rank srun saw killed by a signal comes first (the others then fail on
+    broken collectives, which is noise); then the lowest rank with its own error in its log; then the
+    lowest rank srun reported; then rank 0."""
+    reported: dict[int, str] = {}
+    for text in logs.values():
+        for m in SRUN_TASK.finditer(text):
+            for rank in _ranks(m["tasks"]):
+                reported.setdefault(rank, m["what"].strip())
+    for rank, what in sorted(reported.items()):
+        if "Killed" in what or "signal" in what or "Out Of Memory" in what:
+            return rank, what
+    for rank in sorted(logs):
+        own = "\n".join(ln for ln in logs[rank].splitlines() if not ln.startswith(("srun:", "slurmstepd")))
+        if ("Traceback" in own or "error:" in own) and (not reported or rank in reported):
+            return rank, reported.get(rank)
+    if reported:
+        rank = min(reported)
+        return rank, reported[rank]
+    return 0, None
+
+
+def _ranks(spec: str) -> list[int]:
+    """srun's '0-1,3' -> [0, 1, 3]."""
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def task_logs(folder: Path, job_id: str, ntasks: int) -> dict[int, str]:
+    logs = {}
+    for rank in range(ntasks):
+        paths = JobPaths(folder, job_id=job_id, task_id=rank)
+        text = ""
+        for path in (paths.stderr, paths.stdout):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        logs[rank] = text
+    return logs
+
+
+def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15) -> str:
+    logs = task_logs(folder, job_id, ntasks)
+    rank, words = failing_rank(logs)
+    lines = [f"launch.slurm: job {job_id} {st.state} (exit {st.exit_code}"
+             + (f", signal {st.signal}" if st.signal else "") + f"): rank {rank}"
+             + (f" ({words})" if words else "") + f" -- {explain(st)}"]
+    paths = JobPaths(folder, job_id=job_id, task_id=rank)
+    own = [ln for ln in logs.get(rank, "").splitlines() if ln.strip() and "submitit" not in ln]
+    lines.append(f"last lines of rank {rank} ({paths.stderr}):")
+    lines += [f"  {ln}" for ln in own[-tail:]]
+    return "\n".join(lines)
+
+
+class Tail:
+    """Prints what was appended to a set of files since the last call (submitit appends across requeues)."""
+
+    def __init__(self, paths: list[Path]):
+        self.offsets = {p: 0 for p in paths}
+
+    def pump(self, out) -> None:
+        for path, offset in self.offsets.items():
+            if not path.exists():
+                continue
+            with open(path, errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+            cut = chunk.rfind("\n") + 1  # whole lines only
+            if cut:
+                out.write(chunk[:cut])
+                out.flush()
+                self.offsets[path] = offset + cut
+
+
+def follow(jobs: list, folder: Path, ntasks: int, stream: bool, poll_s: float = 1.0,
+           timeout_s: float | None = None, out=sys.stdout) -> int:
+    """Wait for every job to end. 0 when all completed; else the failed job's exit code (1 if none)."""
+    tail = None
+    if stream and len(jobs) == 1:
+        paths = JobPaths(folder, job_id=jobs[0].job_id, task_id=0)
+        tail = Tail([paths.stdout, paths.stderr])
+    last: dict[str, str] = {}
+    final: dict[str, JobStatus] = {}
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    while len(final) < len(jobs):
+        for job in jobs:
+            if job.job_id in final:
+                continue
+            st = status(job.job_id)
+            if st.state != last.get(job.job_id):
+                print(f"launch.slurm: job {job.job_id}: {st.state}", file=out, flush=True)
+                last[job.job_id] = st.state
+            if st.state in ENDED:
+                final[job.job_id] = st
+        if tail:
+            tail.pump(out)
+        if len(final) < len(jobs):
+            if deadline and time.time() > deadline:
+                print(f"launch.slurm: stopped waiting after {timeout_s:.0f} s; the jobs keep running", file=out)
+                return 1
+            time.sleep(poll_s)
+    if tail:
+        tail.pump(out)
+    failed = {j: st for j, st in final.items() if st.state != "COMPLETED"}
+    for job_id, st in failed.items():
+        print(triage(folder, job_id, ntasks, st), file=sys.stderr, flush=True)
+    if not failed:
+        return 0
+    st = next(iter(failed.values()))
+    return st.exit_code or 1

@@ -1,0 +1,120 @@
+"""Checks that run on the login node before anything is submitted. Each failure is a UserError: one line,
+exit 2, no job. A bad request found here costs seconds; found by SLURM it costs a queue wait."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddp_train.config import Config
+from ddp_train.dist import DistEnv
+from ddp_train.errors import UserError
+from ddp_train.run import micro_batch_size
+
+NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
+SAVE_MARGIN = 2.0  # the signal delay must cover a step still in flight plus the save, under load
+
+
+@dataclass
+class Request:
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int | None  # None: one per GPU, or 1 on CPU
+    time_min: int
+    signal_delay_s: int
+    max_requeues: int
+    partition: str | None
+    dry_run: bool
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+
+def check_request(req: Request) -> None:
+    if req.nodes < 1:
+        raise UserError(f"--nodes {req.nodes}: must be >= 1")
+    if req.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node {req.gpus_per_node}: must be >= 0 (0 = CPU processes with gloo)")
+    if req.tasks_per_node is not None and req.tasks_per_node < 1:
+        raise UserError(f"--tasks-per-node {req.tasks_per_node}: must be >= 1")
+    if req.gpus_per_node and req.tasks_per_node and req.tasks_per_node != req.gpus_per_node:
+        raise UserError(f"--tasks-per-node {req.tasks_per_node} != --gpus-per-node {req.gpus_per_node}: the "
+                        "launcher runs one task per GPU; drop --tasks-per-node or make them equal")
+    if req.time_min < 1:
+        raise UserError(f"--time {req.time_min}: the time limit is in minutes and must be >= 1")
+    if req.max_requeues < 0:
+        raise UserError(f"--max-requeues {req.max_requeues}: must be >= 0")
+    if req.signal_delay_s < 1 or req.signal_delay_s >= req.time_min * 60:
+        raise UserError(f"--signal-delay {req.signal_delay_s}s must be between 1 s and the time limit "
+                        f"({req.time_min * 60} s): it is how long before the limit the job is told to save")
+
+
+def check_config(cfg: Config, req: Request, label: str = "") -> None:
+    """The engine's own checks, for the world size this request gives."""
+    where = f" (sweep element {label})" if label else ""
+    try:
+        micro_batch_size(cfg, DistEnv(world_size=req.world_size))
+    except UserError as e:
+        raise UserError(f"{e} -- with --nodes {req.nodes} x {req.ntasks_per_node} tasks per node{where}") from None
+
+
+def check_run_root(root: Path, req: Request) -> None:
+    if req.nodes > 1 and str(root.resolve()).startswith(NODE_LOCAL):
+        raise UserError(f"run.root={root} is node-local; with --nodes {req.nodes} every node must see the same "
+                        "run directory: put run.root on a shared filesystem")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".ddp_train_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run.root={root}: not writable ({e.strerror}); choose a directory the job can write") from None
+
+
+def last_save_seconds(root: Path, run_name: str | None) -> tuple[float, Path] | None:
+    """The newest measured checkpoint save time under run.root (the named run's own first)."""
+    candidates = [root / run_name / "summary.json"] if run_name else []
+    candidates += sorted(root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            seconds = json.loads(path.read_text()).get("checkpoint_save_s")
+        except (OSError, ValueError):
+            continue
+        if isinstance(seconds, (int, float)):
+            return float(seconds), path
+    return None
+
+
+def check_signal_delay(req: Request, root: Path, run_name: str | None) -> None:
+    known = last_save_seconds(root, run_name)
+    if known and req.signal_delay_s <= SAVE_MARGIN * known[0]:
+        raise UserError(f"--signal-delay {req.signal_delay_s}s is too short: the last checkpoint save took "
+                        f"{known[0]:.0f} s ({known[1]}); use --signal-delay {int(SAVE_MARGIN * known[0]) + 30} "
+                        "or more")
+
+
+def check_slurm(req: Request) -> None:
+    if req.dry_run:
+        return
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise UserError("sbatch/srun not found: run this on a SLURM login node, or add --dry-run to only print "
+                        "the job script")
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise UserError("sinfo did not answer in 60 s: is slurmctld up?") from None
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"SLURM is not reachable from here ({said}); check SLURM_CONF and slurmctld")
+    known = [p.rstrip("*") for p in proc.stdout.split()]
+    if req.partition:
+        if known and req.partition not in known:
+            raise UserError(f"--partition {req.partition}: no such partition; this cluster has "
+                            f"{', '.join(known)}")

@@ -1,0 +1,84 @@
+"""What runs inside each SLURM task: the engine itself, in-process (no torchrun inside). SLURM's srun
+started one task per GPU (per process on CPU); ddp_train.dist derives rank/world/MASTER_ADDR/port from
+SLURM's variables. This module must stay importable without torch: submitit unpickles the job by name."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+
+log = logging.getLogger("launch.slurm")
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """Checkpointable so that a preemption signal arriving before the engine has installed its own
+    handlers (imports, data loading) still requeues the job through submitit's handler. Once training
+    runs, the engine's handler owns the signal: it only sets a flag; the ranks save together at the next
+    step boundary and the engine returns PREEMPTED_EXIT, after which global rank 0 requeues the job."""
+
+    def __init__(self, config_path: str | None, overrides: list[str], max_requeues: int):
+        self.config_path = config_path
+        self.overrides = list(overrides)
+        self.max_requeues = max_requeues
+
+    def __call__(self) -> dict:
+        from ddp_train.preempt import PREEMPTED_EXIT
+
+        _threads_from_slurm()
+        from ddp_train.__main__ import _main
+
+        argv = ([self.config_path] if self.config_path else []) + self.overrides
+        rc = _main(argv)
+        if rc == PREEMPTED_EXIT:
+            self._requeue_or_give_up()
+            sys.exit(rc)  # SystemExit, not an Exception: submitit writes no result, the job is not over
+        if rc != 0:
+            sys.exit(rc)  # a user error: the engine printed one line; sacct shows the exit code
+        return _summary(self.config_path, self.overrides)
+
+    def _requeue_or_give_up(self) -> None:
+        if os.environ.get("SLURM_PROCID", "0") != "0":
+            return  # one requeue per job: global rank 0's
+        job = job_id()
+        done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if done >= self.max_requeues:
+            print(f"launch.slurm: job {job} was preempted/timed out {done + 1} times; --max-requeues="
+                  f"{self.max_requeues} reached, not requeueing. The checkpoint is saved: resubmit the same "
+                  "command with run.name=<this run> to continue.", file=sys.stderr, flush=True)
+            return
+        print(f"launch.slurm: checkpoint saved; requeueing job {job} ({done + 1}/{self.max_requeues})",
+              file=sys.stderr, flush=True)
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:  # e.g. SLURM's own preemption already requeued it
+            print(f"launch.slurm: scontrol requeue {job}: {proc.stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def job_id() -> str:
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID", "")
+
+
+def _threads_from_slurm() -> None:
+    # torchrun would set OMP_NUM_THREADS=1; srun does not. Use the CPUs SLURM gave this task.
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(cpus))
+
+
+def _summary(config_path: str | None, overrides: list[str]) -> dict:
+    """The run's summary.json, for submitit's job.result()."""
+    from ddp_train import dist
+    from ddp_train.config import load_config
+    from ddp_train.run import default_run_name
+
+    cfg = load_config(config_path, overrides)
+    name = cfg.run.name or default_run_name(config_path, dist.launch_id())
+    path = Path(cfg.run.root) / name / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}

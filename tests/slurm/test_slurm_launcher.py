@@ -1,0 +1,185 @@
+"""`python -m launch.slurm` and the sbatch templates against a real SLURM cluster on localhost (see
+conftest.slurm_cluster): real sbatch/srun/scancel/sacct, real gloo between SLURM tasks, real requeue.
+Every wait is bounded by a subprocess timeout or a deadline loop."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import (
+    CONFIGS,
+    ROOT,
+    final_checkpoint,
+    launcher,
+    max_param_diff,
+    read_jsonl,
+    slurm,
+    train_losses,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SMOKE = str(CONFIGS / "cpu_smoke.yaml")
+# Long enough (250 CNN steps, ~5 s) to be signalled mid-run; W&B offline to check the run id survives.
+PREEMPTIBLE = [SMOKE, "model.name=cnn", "train.epochs=2", "train.max_steps=250", "train.log_every_steps=10",
+               "log.wandb.mode=offline"]
+TWO_TASKS = ["--tasks-per-node", "2", "--time", "5"]
+
+
+def job_rows(stdout: str) -> list[tuple[str, Path]]:
+    """The launcher's table: '  <job id>  <run dir>  [swept values]'."""
+    return [(m[1], Path(m[2])) for m in re.finditer(r"^  (\d+(?:_\d+)?)  (\S+)", stdout, re.M)]
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [d for d in root.iterdir() if (d / "config.yaml").exists()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, tmp_path_factory):
+    """The uninterrupted 2-task job: test 1 checks its run directory, the preemption test compares to it."""
+    from conftest import engine_env
+
+    root = tmp_path_factory.mktemp("reference") / "runs"
+    env = engine_env(SLURM_CONF=str(slurm_cluster), WANDB_MODE="offline")
+    proc = launcher([*PREEMPTIBLE, f"run.root={root}", *TWO_TASKS, "--wait"], env)
+    return proc, root
+
+
+def test_two_task_cpu_job_trains_with_gloo_and_leaves_a_complete_run_dir(reference_run):
+    proc, root = reference_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [(job_id, run_dir)] = job_rows(proc.stdout)
+    assert run_dir == root / f"cpu_smoke-job{job_id}"  # the name the launcher predicted is the one the job used
+    assert f"job {job_id}: COMPLETED" in proc.stdout
+    assert "done: val/top1" in proc.stdout  # rank 0's log was streamed
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "train.log", "plots/confusion_matrix.csv",
+                 "plots/curves.png", "wandb_id.txt"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["world_size"], summary["backend"], summary["step"]) == (2, "gloo", 250)
+    assert final_checkpoint(run_dir)["progress"]["step"] == 250
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_preempted_job_saves_requeues_and_resumes_to_identical_weights(reference_run, slurm_env, tmp_path):
+    ref_proc, ref_root = reference_run
+    assert ref_proc.returncode == 0
+    root = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "launch.slurm", *PREEMPTIBLE, f"run.root={root}", *TWO_TASKS, "--wait"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**slurm_env, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = None
+        deadline = time.time() + 60
+        while job_id is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            m = re.match(r"^  (\d+)  ", line)
+            job_id = m and m[1]
+        assert job_id, "the launcher printed no job id"
+        metrics = root / f"cpu_smoke-job{job_id}" / "metrics.jsonl"
+        while time.time() < deadline:  # signal once training is under way (step >= 30 of 250)
+            if metrics.exists() and any(r.get("step", 0) >= 30 for r in read_jsonl(metrics)):
+                break
+            time.sleep(0.1)
+        slurm(["scancel", "--signal=USR2", job_id], slurm_env)  # what SLURM sends before preemption/timeout
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    run_dir = only_run_dir(root)
+    log = (run_dir / "train.log").read_text()
+    assert "preemption signal (SIGUSR2) received" in log and "resuming at step" in log
+    assert f"requeueing job {job_id}" in out + err
+    restarts = slurm(["scontrol", "show", "job", job_id], slurm_env)
+    assert "Restarts=1" in restarts, restarts
+
+    ref_dir = only_run_dir(ref_root)
+    ref, got = final_checkpoint(ref_dir), final_checkpoint(run_dir)
+    assert got["progress"]["step"] == 250
+    assert max_param_diff(ref["model"], got["model"]) == 0.0
+    assert dict(train_losses(run_dir)) == dict(train_losses(ref_dir))
+    # One W&B run across the requeue: every attempt's offline run carries the same id.
+    wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(wandb_id) for a in attempts), attempts
+
+
+def test_sweep_is_one_job_array_with_a_run_dir_per_element(slurm_env, tmp_path):
+    root = tmp_path / "runs"
+    proc = launcher([SMOKE, f"run.root={root}", "--sweep", "optim.lr=1e-3,3e-4", "--tasks-per-node", "1",
+                     "--time", "5", "--wait"], slurm_env, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = job_rows(proc.stdout)
+    assert len(rows) == 2 and rows[0][0].split("_")[0] == rows[1][0].split("_")[0]  # one array
+    lrs, groups = [], set()
+    for _, run_dir in rows:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        lrs.append(cfg["optim"]["lr"])
+        groups.add(cfg["log"]["wandb"]["group"])
+        assert (run_dir / "summary.json").is_file()
+    assert lrs == [1e-3, 3e-4]
+    assert len(groups) == 1 and groups.pop().startswith("cpu_smoke-sweep-")
+
+
+def test_single_node_sbatch_template_runs_via_plain_sbatch(slurm_env, tmp_path):
+    root = tmp_path / "runs"
+    job_id = slurm(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", f"--output={tmp_path}/%j.out",
+                    "--export=ALL,NPROC=2", str(ROOT / "slurm" / "single_node.sbatch"), SMOKE, f"run.root={root}"],
+                   slurm_env).strip()
+    deadline, state = time.time() + 120, ""
+    while time.time() < deadline:  # (sbatch --wait polls too slowly: ~30 s after the job ended)
+        state = slurm(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"], slurm_env).strip()
+        if state and state.split("|")[0] not in ("PENDING", "RUNNING", "COMPLETING"):
+            break
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert state == "COMPLETED|0:0", state + "\n" + logs
+    summary = json.loads((root / f"cpu_smoke-job{job_id}" / "summary.json").read_text())
+    assert (summary["world_size"], summary["step"]) == (2, 20)
+
+
+def test_failed_job_is_triaged_with_rank_reason_and_log_lines(slurm_env, tmp_path):
+    # Passes preflight, fails inside the job: no MNIST files under data.root and downloads are off.
+    proc = launcher([SMOKE, f"run.root={tmp_path / 'runs'}", "data.name=mnist", f"data.root={tmp_path / 'no_data'}",
+                     "data.download=false", *TWO_TASKS, "--wait"], slurm_env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    triage = proc.stderr
+    assert re.search(r"job \d+ FAILED \(exit 2\): rank 0 .*configuration or input error", triage), triage
+    assert "last lines of rank 0" in triage and "ddp_train: error:" in triage and "no_data" in triage
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--gpus-per-node", "2", "--tasks-per-node", "3"], "--tasks-per-node 3 != --gpus-per-node 2"),
+    (["--tasks-per-node", "3"], "does not divide by world size 3"),
+    (["--partition", "nope"], "--partition nope: no such partition; this cluster has debug, high"),
+    (["optim.lr_typo=1"], "unknown config key 'optim.lr_typo'"),
+    (["--sweep", "optim.lr=1e-3,oops"], "optim.lr"),
+    (["--signal-delay", "10"], "--signal-delay 10s is too short: the last checkpoint save took 30 s"),
+])
+def test_preflight_rejects_a_bad_request_with_one_line_and_submits_nothing(slurm_env, tmp_path, bad, message):
+    root = tmp_path / "runs"
+    (root / "earlier-run").mkdir(parents=True)  # a measured save time preflight must respect
+    (root / "earlier-run" / "summary.json").write_text(json.dumps({"checkpoint_save_s": 30.0}))
+    before = slurm(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"], slurm_env)
+    proc = launcher([SMOKE, f"run.root={root}", *bad], slurm_env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch.slurm: error:") and message in lines[0], proc.stderr
+    assert slurm(["sacct", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"], slurm_env) == before
+    assert not (root / "slurm_logs").exists()
+
+
+def test_a_request_sbatch_refuses_ends_with_exit_2_and_its_reason(slurm_env, tmp_path):
+    proc = launcher([SMOKE, f"run.root={tmp_path / 'runs'}", "--mem", "9999999G"], slurm_env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("launch.slurm: error: sbatch refused the job: sbatch: error: "
+                                                   "Batch job submission failed: Requested node configuration is "
+                                                   "not available")

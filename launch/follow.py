@@ -155,6 +155,8 @@ def follow(jobs: list, folder: Path, ntasks: int, stream: bool, poll_s: float = 
     final: dict[str, JobStatus] = {}
     deadline = None if timeout_s is None else time.time() + timeout_s
     while len(final) < len(jobs):
+        if tail:  # the log first: it explains the state change printed next
+            tail.pump(out)
         for job in jobs:
             if job.job_id in final:
                 continue
@@ -164,8 +166,6 @@ def follow(jobs: list, folder: Path, ntasks: int, stream: bool, poll_s: float = 
                 last[job.job_id] = st.state
             if st.state in ENDED:
                 final[job.job_id] = st
-        if tail:
-            tail.pump(out)
         if len(final) < len(jobs):
             if deadline and time.time() > deadline:
                 print(f"launch.slurm: stopped waiting after {timeout_s:.0f} s; the jobs keep running", file=out)

@@ -8,9 +8,10 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -41,6 +42,7 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict[str, Any]:
+    import torch
     import torchvision
 
     from . import __version__

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-TOOLS = {"verify-resume": "ddp_train.verify_resume"}
+TOOLS = {"verify-resume": "ddp_train.verify_resume", "compare": "ddp_train.compare"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision
 from .preempt import PREEMPTED_EXIT, PreemptionFlag
+from .sysinfo import peak_memory
 from .train_state import CheckpointManager
 from .trainer import Preempted, Trainer
 
@@ -143,8 +144,12 @@ def run(cfg: Config, config_path: str | None = None) -> int:
 
         steps_before = trainer.progress.step
         final = trainer.fit()
+        memory = dist.all_gather_object(peak_memory(device))  # every rank's peaks, for the summary
         if env.is_main:
             summary = summarise(cfg, env, trainer, final, started, steps_before)
+            summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
+            if device.type == "cuda":
+                summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             artifacts.write_json(run_dir / "summary.json", summary)
             artifacts.write_confusion(final["confusion"], info.class_names, run_dir / "plots")
             artifacts.write_curves(run_dir)
@@ -172,6 +177,7 @@ def summarise(cfg: Config, env: DistEnv, trainer: Trainer, final: dict, started:
             "val/count": final["count"], "best/val_top1": best, "step": trainer.progress.step,
             "epoch": trainer.progress.epoch, "samples_per_s": trained_samples / max(trainer.train_time, 1e-9),
             "train_time_s": trainer.train_time, "wall_time_s": time.time() - started,
+            "data_wait_frac": trainer.data_wait_s / max(trainer.train_time, 1e-9),
             "world_size": env.world_size, "backend": torch.distributed.get_backend() if env.distributed else "none",
             "strategy": cfg.parallel.strategy, "precision": cfg.train.precision,
             "global_batch_size": cfg.train.global_batch_size, "checkpoint_save_s": saves[-1] if saves else None,

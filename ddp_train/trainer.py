@@ -58,6 +58,8 @@ class Trainer:
         # it, so the first loss logged after a resume averages the same steps as an uninterrupted run's.
         self.loss_window = torch.zeros((), device=self.device)
         self.steps_since_log = 0
+        self.data_wait_s = 0.0  # host time spent waiting for the next batch: total, and this log window
+        self._window_wait_s = 0.0
 
     # ------------------------------------------------------------------------------------ stepping
     def _forward_backward(self, x, y, sync: bool) -> torch.Tensor:
@@ -89,7 +91,7 @@ class Trainer:
         try:
             while p.step < self.total_steps:
                 micro = 0
-                for x, y in self.train.epoch(p.epoch, start_step=p.step_in_epoch):
+                for x, y in self._timed(self.train.epoch(p.epoch, start_step=p.step_in_epoch)):
                     micro += 1
                     last_micro = micro == cfg.train.grad_accum_steps
                     loss_sum += self._forward_backward(x, y, sync=last_micro)
@@ -128,13 +130,31 @@ class Trainer:
         self.checkpointer.save(self, reason="final")
         return final
 
+    def _timed(self, batches):
+        """Yields the batches, adding the time spent waiting for each to data_wait_s."""
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - start
+            self.data_wait_s += waited
+            self._window_wait_s += waited
+            yield batch
+
     def _log_train(self, loss_sum: torch.Tensor, steps: int, timed_steps: int, seconds: float) -> None:
         # The one host-device sync: every log interval. Mean of the global-batch losses = same number
         # at any world size.
         mean = dist.all_reduce_sum(loss_sum.detach().clone()).item() / (steps * self.env.world_size)
         metrics = {"epoch": self.progress.epoch, "train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0],
                    "train/samples_per_s": timed_steps * self.samples_per_step / max(seconds, 1e-9),
-                   "train/step_time_s": seconds / max(timed_steps, 1)}
+                   "train/step_time_s": seconds / max(timed_steps, 1),
+                   "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))}
+        self._window_wait_s = 0.0
+        if self.device.type == "cuda":
+            metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.logger.log_metrics(metrics, self.progress.step)
 
     def run_eval(self) -> dict:

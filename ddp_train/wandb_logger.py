@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -76,6 +77,7 @@ class WandbLogger(Logger):
         self.wcfg = cfg.log.wandb
         self.run = None
         self.mode = resolve_mode(self.wcfg.mode)
+        os.environ["WANDB_MODE"] = self.mode  # one source of truth; wandb rejects an empty WANDB_MODE
         if self.mode == "disabled":
             return
         prepare_dirs(run_dir)
@@ -83,21 +85,32 @@ class WandbLogger(Logger):
         import wandb
 
         self.wandb = wandb
+        start = time.perf_counter()
+        wandb_dir = run_dir / "wandb"
+        before = set(wandb_dir.glob("run-*"))
         try:
             self.run = self._init(self.mode)
         except Exception as e:
             if self.mode != "online":
                 log.warning("W&B init failed (%s: %s); continuing without W&B", type(e).__name__, e)
                 return
-            log.warning("W&B online init failed within %ss (%s); logging offline instead (wandb sync %s later)",
-                        self.wcfg.init_timeout_s, type(e).__name__, run_dir / "wandb")
+            log.warning("W&B online init failed after %.1f s (log.wandb.init_timeout_s=%s, %s); logging offline "
+                        "instead: `wandb sync %s` later", time.perf_counter() - start, self.wcfg.init_timeout_s,
+                        type(e).__name__, run_dir / "wandb")
             self.mode = "offline"
+            try:
+                wandb.teardown()  # forget the half-started online run, or its id stays "in use"
+            except Exception:
+                pass
+            for stale in set(wandb_dir.glob("run-*")) - before:  # its empty online folder: keep `wandb sync` clean
+                shutil.rmtree(stale, ignore_errors=True)
             try:
                 self.run = self._init("offline")
             except Exception as e2:
                 log.warning("W&B offline init failed too (%s); continuing without W&B", e2)
 
     def _init(self, mode: str):
+        os.environ["WANDB_MODE"] = mode
         w = self.wcfg
         settings = self.wandb.Settings(init_timeout=float(w.init_timeout_s))
         return self.wandb.init(project=w.project, entity=w.entity, group=w.group, job_type=w.job_type,
@@ -116,7 +129,8 @@ class WandbLogger(Logger):
     def log_summary(self, summary: dict[str, Any]) -> None:
         if self.run is not None:
             for k, v in summary.items():
-                if isinstance(v, (int, float, str, bool)) or v is None:
+                scalar = isinstance(v, (int, float, str, bool)) or v is None
+                if scalar or (isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)):
                     self.run.summary[k] = v
 
     def log_checkpoint(self, path: Path, step: int) -> None:

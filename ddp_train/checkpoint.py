@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,8 @@ def newest_valid(directory: Path) -> Path | None:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are paged in when used, so an FSDP resume from its shards never reads the full model
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:
@@ -142,7 +144,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def prune(directory: Path, keep_last: int) -> None:
     """Keep the newest `keep_last` complete checkpoints; drop older ones and stale temp files."""
     for tmp in directory.glob("*.tmp"):
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     everything = list_checkpoints(directory)
     complete = [p for p in everything if p.with_suffix(".json").is_file()]
     for old in complete[keep_last:]:
@@ -153,3 +155,6 @@ def prune(directory: Path, keep_last: int) -> None:
         for orphan in everything[everything.index(newest) + 1:]:
             if not orphan.with_suffix(".json").is_file():
                 orphan.unlink(missing_ok=True)
+    for sharded in directory.glob("step_*.dcp*"):  # FSDP shards: kept exactly as long as their .pt
+        if sharded.suffix == ".tmp" or not sharded.with_suffix(".pt").is_file():
+            shutil.rmtree(sharded, ignore_errors=True)

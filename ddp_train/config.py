@@ -366,9 +366,9 @@ def validate(cfg: Config) -> None:
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", c.keep_last)
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
     _require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)", cfg.model.dropout)
-    # FSDP2 (issue 6) is not built yet: say so instead of failing on a missing module mid-start-up.
-    _require(cfg.parallel.strategy == "ddp", "parallel.strategy", "fsdp is not available yet; use ddp",
-             cfg.parallel.strategy)
+    # FSDP2 casts through MixedPrecisionPolicy; fp16 would also need a sharded gradient scaler.
+    _require(not (cfg.parallel.strategy == "fsdp" and t.precision == "fp16"), "train.precision",
+             "fp16 is not supported with parallel.strategy=fsdp; use bf16 (or fp32)", t.precision)
     _require(cfg.parallel.timeout_s >= 1, "parallel.timeout_s", "must be >= 1", cfg.parallel.timeout_s)
     _require(d.synthetic_train_size >= 1 and d.synthetic_test_size >= 1, "data.synthetic_train_size",
              "and data.synthetic_test_size must be >= 1", (d.synthetic_train_size, d.synthetic_test_size))

@@ -14,7 +14,7 @@ from .dist import DistEnv
 def wrap(model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, env: DistEnv) -> nn.Module:
     """Returns the module the step loop calls. The caller keeps the unwrapped `model` for state_dicts,
     so no 'module.'/'_orig_mod.' prefixes ever reach a checkpoint."""
-    if pcfg.strategy == "fsdp":
+    if pcfg.strategy == "fsdp" and env.distributed:
         from .fsdp import shard_model
 
         wrapped = shard_model(model, tcfg, env)

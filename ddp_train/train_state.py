@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import dist
+from . import dist, model_state
 from .config import CheckpointConfig
 from .dist import DistEnv
 from .errors import CheckpointError
+from .fsdp import is_fsdp
 
 log = logging.getLogger("ddp_train")
 
@@ -72,14 +74,16 @@ class CheckpointManager:
         start = time.perf_counter()
         per_rank = dist.all_gather_object((rng_state(self.env.device, trainer.train.augment), trainer.window_state()))
         rngs, windows = [r for r, _ in per_rank], [w for _, w in per_rank]
+        model_sd, optim_sd = model_state.consolidated(trainer.model, trainer.optimizer)  # collective (FSDP)
+        sharded = self._save_sharded(trainer, step) if is_fsdp(trainer.model) else None
         path = None
         if self.env.is_main:
-            state = {"format": ckpt.FORMAT_VERSION, "model": trainer.model.state_dict(),
-                     "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            state = {"format": ckpt.FORMAT_VERSION, "model": model_sd, "optimizer": optim_sd,
+                     "scheduler": trainer.scheduler.state_dict(),
                      "scaler": trainer.precision.scaler.state_dict(), "progress": trainer.progress_dict(),
                      "rng": rngs, "wandb_run_id": self.wandb_run_id, "config": self.config,
                      "extra": {"reason": reason, "world_size": self.env.world_size, "time": time.time(),
-                               "loss_window": windows}}
+                               "loss_window": windows, "sharded": sharded}}
             try:
                 path = ckpt.write_checkpoint(self.directory, step, state)
                 ckpt.prune(self.directory, self.cfg.keep_last)
@@ -98,6 +102,26 @@ class CheckpointManager:
             if self.logger is not None:
                 self.logger.log_checkpoint(path, step)
         return path
+
+    def _save_sharded(self, trainer, step: int) -> str | None:
+        """FSDP: torch.distributed.checkpoint, one file per rank, written to a temp dir and renamed when
+        every rank is done. Returns its name for the manifest, or None when it failed (the consolidated
+        file is still written, so nothing is lost but the fast path)."""
+        final = self.directory / f"step_{step:08d}.dcp"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        try:
+            model_state.save_sharded(trainer.model, trainer.optimizer, tmp)
+        except Exception as e:  # DCP raises on every rank alike when one rank failed to write
+            log.error("sharded checkpoint at step %d failed (%s); keeping the consolidated one only", step, e)
+            return None
+        dist.barrier()
+        if self.env.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        return final.name
 
     # --------------------------------------------------------------------------------------- resume
     def _choose(self) -> str | None:
@@ -124,18 +148,24 @@ class CheckpointManager:
             return None
         path = Path(chosen)
         state = ckpt.read_checkpoint(path)
+        extra = state.get("extra") or {}
+        sharded = path.parent / extra["sharded"] if extra.get("sharded") else None
+        fast = (is_fsdp(trainer.model) and sharded is not None and sharded.is_dir()
+                and extra.get("world_size") == self.env.world_size)
         try:
-            trainer.model.load_state_dict(state["model"], strict=True)
-        except RuntimeError as e:
+            if fast:  # every rank reads its own shard; nothing is gathered
+                model_state.load_sharded(trainer.model, trainer.optimizer, sharded)
+            else:  # the consolidated form: also how DDP and FSDP runs resume from each other
+                model_state.load_consolidated(trainer.model, trainer.optimizer, state["model"], state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this model: {_key_problem(str(e))}") from None
-        trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.precision.scaler.load_state_dict(state["scaler"])
         trainer.load_progress(state["progress"])
         rngs = state["rng"]
         if self.env.rank < len(rngs) and len(rngs) == self.env.world_size:
             set_rng_state(rngs[self.env.rank], self.env.device, trainer.train.augment)
-            windows = (state.get("extra") or {}).get("loss_window")
+            windows = extra.get("loss_window")
             if windows and len(windows) == self.env.world_size:
                 trainer.set_window_state(windows[self.env.rank])
         else:
@@ -149,7 +179,8 @@ class CheckpointManager:
                                   "filesystem every node sees?")
         self.last_saved_step = trainer.progress.step
         _warn_config_changes(state.get("config") or {}, self.config)
-        log.info("resumed from %s at step %d (epoch %d, step %d in epoch) in %.2f s", path,
+        log.info("resumed from %s%s at step %d (epoch %d, step %d in epoch) in %.2f s", path,
+                 f" (sharded: {sharded.name})" if fast else "",
                  trainer.progress.step, trainer.progress.epoch, trainer.progress.step_in_epoch,
                  time.perf_counter() - start)
         return path

@@ -64,3 +64,16 @@ except OSError as e:
     assert not (tmp_path / "step_00000002.pt").exists() and not (tmp_path / "step_00000002.json").exists()
     assert ckpt.verify(tmp_path / "step_00000001.pt") is None
     assert ckpt.newest_valid(tmp_path) == tmp_path / "step_00000001.pt"
+
+
+def test_prune_keeps_fsdp_shard_directories_exactly_as_long_as_their_checkpoint(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / f"step_{step:08d}.pt").write_bytes(b"x")
+        (tmp_path / f"step_{step:08d}.json").write_text("{}")
+        (tmp_path / f"step_{step:08d}.dcp").mkdir()
+        (tmp_path / f"step_{step:08d}.dcp" / "__0_0.distcp").write_bytes(b"x")
+    (tmp_path / "step_00000040.dcp.tmp").mkdir()  # a sharded save that never finished
+    ckpt.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_00000020.dcp", "step_00000020.json", "step_00000020.pt",
+        "step_00000030.dcp", "step_00000030.json", "step_00000030.pt"]

@@ -41,11 +41,11 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("train.precision=fp8", "'train.precision' must be one of"),
     ("data.augment=maybe", "'data.augment' must be true or false"),
     ("optim.nesterov=true", "'optim.nesterov' needs optim.name=sgd"),
-    ("parallel.strategy=fsdp", "'parallel.strategy' fsdp is not available yet; use ddp"),
+    ("parallel.strategy=fsdp train.precision=fp16", "fp16 is not supported with parallel.strategy=fsdp; use bf16"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_config(None, override.split())
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 

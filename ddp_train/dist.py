@@ -163,6 +163,33 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+class LaggedAnyRank:
+    """any_rank, one call late: the all-reduce for call k starts at call k and is read at call k+1, so
+    its network round trip hides behind a training step instead of stalling every step. Used for the
+    per-step preemption flag, where one step of delay costs nothing."""
+
+    def __init__(self):
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def poll(self, flag: bool) -> bool:
+        if not dist.is_initialized():
+            return flag
+        agreed = self.drain()
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP, async_op=True), t)
+        return agreed
+
+    def drain(self) -> bool:
+        """Waits for the outstanding all-reduce (call before any other collective on the control group
+        leaves the loop) and returns its result."""
+        if self._pending is None:
+            return False
+        work, t = self._pending
+        self._pending = None
+        work.wait()
+        return bool(t.item())
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized():
         return obj

@@ -87,6 +87,7 @@ class Trainer:
         loss_sum = self.loss_window
         window_start, untimed = time.perf_counter(), self.steps_since_log  # steps from before a resume
         start = time.perf_counter()
+        agreement = self._agreement = dist.LaggedAnyRank()
         self.wrapped.train()
         try:
             while p.step < self.total_steps:
@@ -108,9 +109,10 @@ class Trainer:
                                         time.perf_counter() - window_start)
                         loss_sum.zero_()
                         self.steps_since_log, untimed, window_start = 0, 0, time.perf_counter()
-                    if p.step == cfg.checkpoint.simulate_preempt_at_step:
+                    if p.step == cfg.checkpoint.simulate_preempt_at_step:  # every rank knows: no vote
                         self.preemption.requested, self.preemption.signal_name = True, "simulated"
-                    if dist.any_rank(self.preemption.requested):
+                        self._preempt()
+                    if agreement.poll(self.preemption.requested):  # a signal on any rank, one step late
                         self._preempt()
                     if p.step >= self.total_steps:
                         break
@@ -124,6 +126,7 @@ class Trainer:
                     if self.checkpointer.due_epoch(p.epoch) and p.step < self.total_steps:
                         self.checkpointer.save(self, reason="epoch")
         finally:
+            agreement.drain()  # no all-reduce left in flight when the loop ends, however it ends
             bar.close()
             self.train_time += time.perf_counter() - start
         final = self.run_eval()
@@ -170,6 +173,7 @@ class Trainer:
         return result
 
     def _preempt(self) -> None:
+        self._agreement.drain()  # the save's collectives go after the in-flight vote, on every rank
         log.warning("preemption signal (%s) received: saving at step %d and exiting for requeue",
                     self.preemption.signal_name or "on another rank", self.progress.step)
         self.checkpointer.save(self, reason="preempt")

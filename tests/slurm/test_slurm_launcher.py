@@ -70,30 +70,38 @@ def test_two_task_cpu_job_trains_with_gloo_and_leaves_a_complete_run_dir(referen
     assert list((run_dir / "wandb").glob("offline-run-*"))
 
 
-def test_preempted_job_saves_requeues_and_resumes_to_identical_weights(reference_run, slurm_env, tmp_path):
-    ref_proc, ref_root = reference_run
-    assert ref_proc.returncode == 0
-    root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "launch.slurm", *PREEMPTIBLE, f"run.root={root}", *TWO_TASKS, "--wait"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**slurm_env, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def submit_and_signal(root: Path, env: dict[str, str], *launcher_args: str) -> tuple[int, str, str, str]:
+    """Launch with --wait, send USR2 once training is under way (step >= 30 of 250), wait for the end.
+    Returns (launcher exit code, job id, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "launch.slurm", *PREEMPTIBLE, f"run.root={root}", *TWO_TASKS, "--wait",
+           *launcher_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "WANDB_MODE": "offline"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         job_id = None
         deadline = time.time() + 60
         while job_id is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            m = re.match(r"^  (\d+)  ", line)
+            m = re.match(r"^  (\d+)  ", proc.stdout.readline())
             job_id = m and m[1]
         assert job_id, "the launcher printed no job id"
         metrics = root / f"cpu_smoke-job{job_id}" / "metrics.jsonl"
-        while time.time() < deadline:  # signal once training is under way (step >= 30 of 250)
+        while time.time() < deadline:
             if metrics.exists() and any(r.get("step", 0) >= 30 for r in read_jsonl(metrics)):
                 break
             time.sleep(0.1)
-        slurm(["scancel", "--signal=USR2", job_id], slurm_env)  # what SLURM sends before preemption/timeout
+        slurm(["scancel", "--signal=USR2", job_id], env)  # what SLURM sends before preemption/timeout
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return proc.returncode, job_id, out, err
+
+
+def test_preempted_job_saves_requeues_and_resumes_to_identical_weights(reference_run, slurm_env, tmp_path):
+    ref_proc, ref_root = reference_run
+    assert ref_proc.returncode == 0
+    root = tmp_path / "runs"
+    rc, job_id, out, err = submit_and_signal(root, slurm_env)
+    assert rc == 0, out[-3000:] + err[-3000:]
     run_dir = only_run_dir(root)
     log = (run_dir / "train.log").read_text()
     assert "preemption signal (SIGUSR2) received" in log and "resuming at step" in log
@@ -110,6 +118,17 @@ def test_preempted_job_saves_requeues_and_resumes_to_identical_weights(reference
     wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(a.name.endswith(wandb_id) for a in attempts), attempts
+
+
+def test_a_job_out_of_requeues_keeps_its_checkpoint_and_says_how_to_continue(slurm_env, tmp_path):
+    root = tmp_path / "runs"
+    rc, job_id, out, err = submit_and_signal(root, slurm_env, "--max-requeues", "0")
+    assert rc == 75, out[-2000:] + err[-2000:]
+    assert "--max-requeues=0 reached, not requeueing" in out + err
+    assert re.search(rf"job {job_id} FAILED \(exit 75\): rank 0 .*more often than --max-requeues", err), err
+    run_dir = only_run_dir(root)
+    saved = final_checkpoint(run_dir)
+    assert saved["extra"]["reason"] == "preempt" and 30 <= saved["progress"]["step"] < 250
 
 
 def test_sweep_is_one_job_array_with_a_run_dir_per_element(slurm_env, tmp_path):

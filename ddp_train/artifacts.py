@@ -53,6 +53,14 @@ def versions() -> dict[str, Any]:
             "python": platform.python_version(), "host": platform.node()}
 
 
+def data_info(cfg, info) -> dict[str, Any]:
+    """The model's input contract: classes, channels, size, normalisation, and the eval resize."""
+    resize = (cfg.resize_size or round(cfg.image_size * 256 / 224)) if cfg.name == "imagefolder" else None
+    return {"dataset": cfg.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": list(info.image_size), "resize": resize, "mean": list(info.mean),
+            "std": list(info.std), "class_names": list(info.class_names)}
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

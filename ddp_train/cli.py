@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 
-TOOLS = {"verify-resume": "ddp_train.verify_resume", "compare": "ddp_train.compare"}
+TOOLS = {"verify-resume": "ddp_train.verify_resume", "compare": "ddp_train.compare", "evaluate": "ddp_train.evaluate",
+         "export": "ddp_train.export", "predict": "ddp_train.predict"}
 
 
 def _parser() -> argparse.ArgumentParser:

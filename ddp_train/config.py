@@ -36,6 +36,10 @@ class DataConfig:
     synthetic_test_size: int = 1024
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     synthetic_classes: int = 10
+    # imagefolder only: <root>/train/<class>/*.png|jpg and <root>/val/<class>/...
+    image_size: int = 224  # RandomResizedCrop (train) / CenterCrop (eval) size
+    resize_size: int | None = None  # eval Resize before the crop; None = image_size * 256 / 224
+    skip_corrupt: bool = False  # false: an unreadable image stops the run, naming the file
 
 
 @dataclass
@@ -374,6 +378,9 @@ def validate(cfg: Config) -> None:
              "and data.synthetic_test_size must be >= 1", (d.synthetic_train_size, d.synthetic_test_size))
     _require(len(d.synthetic_shape) == 3 and all(x >= 1 for x in d.synthetic_shape), "data.synthetic_shape",
              "must be [channels, height, width]", d.synthetic_shape)
+    _require(d.image_size >= 8, "data.image_size", "must be >= 8", d.image_size)
+    _require(d.resize_size is None or d.resize_size >= d.image_size, "data.resize_size",
+             "must be >= data.image_size (or null)", d.resize_size)
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", "must be >= 2", d.synthetic_classes)
     if cfg.run.name is not None:
         _require(cfg.run.name not in ("", ".", "..") and "/" not in cfg.run.name, "run.name",

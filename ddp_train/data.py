@@ -19,7 +19,7 @@ from .augment import BatchAugment
 from .config import DataConfig
 from .datasets import DataInfo, ImageTensors, Splits
 from .dist import DistEnv
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 RESIDENT_CPU_BYTES = 4 << 30  # float32 copy of a split kept in RAM when training on CPU
 RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
@@ -88,6 +88,17 @@ def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.dev
                       generator=torch.Generator().manual_seed(0))
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches; a DataError raised in a worker (an unreadable file) comes back from
+    DataLoader wrapped in a worker traceback: re-raise it as its own one line."""
+    try:
+        yield from loader
+    except DataError as e:
+        text = str(e).strip().splitlines()
+        last = next((ln for ln in reversed(text) if "DataError: " in ln), text[-1] if text else "")
+        raise DataError(last.split("DataError: ", 1)[-1]) from None
+
+
 def _as_dataset(split, info: DataInfo) -> Dataset:
     return NormalisedTensors(split, info) if isinstance(split, ImageTensors) else split
 
@@ -98,7 +109,9 @@ class TrainBatches:
     def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, micro_batch: int, accum: int,
                  seed: int, device: torch.device, resident: bool, channels_last: bool = False):
         self.micro, self.accum, self.device = micro_batch, accum, device
-        self.augment = BatchAugment(seed, env.rank, device, info.flips) if cfg.augment else None
+        # Device augmentation for in-memory splits; file datasets (imagefolder) augment in their transforms.
+        in_memory = isinstance(split, ImageTensors)
+        self.augment = BatchAugment(seed, env.rank, device, info.flips) if cfg.augment and in_memory else None
         self.n = len(split)
         self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -130,7 +143,7 @@ class TrainBatches:
                 yield self._augment(self.x[sel]), self.y[sel]
             return
         self._sampler.indices = idx.tolist()
-        for x, y in self.loader:
+        for x, y in _batches(self.loader):
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -172,7 +185,7 @@ class EvalBatches:
                 produced += 1
                 yield self.x[sel], self.y[sel]
         else:
-            for x, y in self.loader:
+            for x, y in _batches(self.loader):
                 produced += 1
                 x = x.to(self.device, non_blocking=True)
                 if self.channels_last:

@@ -176,3 +176,11 @@ def synthetic(cfg: DataConfig) -> Splits:
 
     info = DataInfo(k, c, (h, w), (0.5,) * c, (0.25,) * c, class_names=[str(i) for i in range(k)])
     return Splits(make(cfg.synthetic_train_size), make(cfg.synthetic_test_size), info)
+
+
+# ---------------------------------------------------------------------------------- imagefolder
+@register("imagefolder")
+def imagefolder(cfg: DataConfig) -> Splits:
+    from .imagefolder import load_imagefolder
+
+    return load_imagefolder(cfg)

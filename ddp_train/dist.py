@@ -153,6 +153,17 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP only broadcasts them at the
+    start of each training forward, and FSDP2 never does, so the ranks' running statistics drift apart
+    within a step; evaluation must see the one model a checkpoint holds (rank 0's)."""
+    if not dist.is_initialized():
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point() or buf.dtype in (torch.int64, torch.int32):
+            dist.broadcast(buf.data, src=0)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one: how ranks agree on stop/preempt. Runs on
     the CPU control group, so it never forces a host-device sync."""

@@ -12,7 +12,7 @@ from .data import EvalBatches
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: EvalBatches, num_classes: int, device: torch.device,
-             autocast=None, dummy_input: torch.Tensor | None = None) -> dict:
+             autocast=None, dummy_input: torch.Tensor | None = None, on_batch=None) -> dict:
     """Returns loss, top1, top5 (fractions), count, and the confusion matrix [true, predicted].
     `model` should be the module without DDP (its forward may run a collective); an FSDP module is
     fine because every rank runs the same number of forwards (`None` batches run on a dummy)."""
@@ -32,6 +32,8 @@ def evaluate(model: nn.Module, batches: EvalBatches, num_classes: int, device: t
         with autocast() if autocast else torch.no_grad():
             logits = model(x)
         logits = logits.float()
+        if on_batch is not None:  # e.g. evaluate's per-sample predictions
+            on_batch(logits, y)
         sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
         topk = logits.topk(k5, dim=1).indices
         hit = topk == y.unsqueeze(1)

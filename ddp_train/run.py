@@ -109,6 +109,8 @@ def run(cfg: Config, config_path: str | None = None) -> int:
 
         splits = dist.run_on_main_first(env, load_data, cfg.data)  # rank 0 downloads, the others wait
         info = splits.info
+        if env.is_main:  # what evaluate/export/predict need to rebuild the model without the dataset
+            artifacts.write_json(run_dir / "data_info.json", artifacts.data_info(cfg.data, info))
         seed_everything(cfg.run.seed)  # identical model init on every rank
         model = build_model(cfg.model, info).to(device)
         if cfg.train.channels_last:

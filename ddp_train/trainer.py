@@ -161,6 +161,7 @@ class Trainer:
         self.logger.log_metrics(metrics, self.progress.step)
 
     def run_eval(self) -> dict:
+        dist.broadcast_buffers(self.model)  # evaluate the model the checkpoint holds, on every rank
         dummy = None
         if self.cfg.parallel.strategy == "fsdp":
             dummy = self.evals.dummy_input()

@@ -1,5 +1,6 @@
 import pytest
 import yaml
+from conftest import CONFIGS
 
 from ddp_train.config import Config, all_keys, load_config
 from ddp_train.errors import ConfigError
@@ -71,3 +72,9 @@ def test_every_key_is_listed():
     keys = all_keys()
     for k in ("run.seed", "train.global_batch_size", "log.wandb.mode", "checkpoint.keep_last", "parallel.strategy"):
         assert k in keys
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.name and cfg.data.name

@@ -1,0 +1,104 @@
+"""`data.name=imagefolder`: your own images in class folders, <root>/train/<class>/* and <root>/val/<class>/*.
+
+Training: RandomResizedCrop(image_size) + horizontal flip; evaluation (seed 004's pipeline): Resize(256)
+-> CenterCrop(224) -> Normalize(ImageNet mean/std), scaled with data.image_size. Files are decoded in
+DataLoader workers. An unreadable image stops the run with an error naming the file, or with
+data.skip_corrupt=true the unreadable files are found up front (PIL verify), skipped and counted."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .errors import DataError
+
+log = logging.getLogger("ddp_train")
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CORRUPT_HINT = "fix or remove it, or set data.skip_corrupt=true to skip unreadable files"
+
+
+class ImageFiles(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform, classes: list[str]):
+        self.samples, self.transform, self.classes = samples, transform, classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(open_image(path)), label
+
+
+def open_image(path: str, mode: str = "RGB"):
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError and truncated files are OSError
+        raise DataError(f"cannot read image {path} ({type(e).__name__}: {str(e)[:120]}); {CORRUPT_HINT}") from None
+
+
+def transforms_for(cfg: DataConfig, mean, std):
+    from torchvision import transforms as T
+
+    size = cfg.image_size
+    resize = cfg.resize_size or round(size * 256 / 224)
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    evaluation = T.Compose([T.Resize(resize), T.CenterCrop(size), *norm])
+    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm]) if cfg.augment else evaluation
+    return train, evaluation, resize
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def scan(directory: Path, class_to_idx: dict[str, int] | None, skip_corrupt: bool):
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    if not directory.is_dir():
+        raise DataError(f"data.name=imagefolder needs {directory}/<class>/<image files>; {directory} does not "
+                        "exist (set data.root to the folder holding train/ and val/)")
+    classes, found = find_classes(str(directory))
+    if class_to_idx is not None:
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise DataError(f"{directory} has classes that train/ does not: {', '.join(unknown[:5])}")
+    else:
+        class_to_idx = found
+    try:
+        samples = make_dataset(str(directory), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f"{directory}: {e}") from None
+    if not samples:
+        raise DataError(f"{directory} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    if skip_corrupt:
+        good = [s for s in samples if _readable(s[0])]
+        if len(good) < len(samples):
+            bad = [s[0] for s in samples if s not in good]
+            log.warning("skipped %d unreadable image(s) in %s (data.skip_corrupt=true), e.g. %s", len(bad),
+                        directory, bad[0])
+        samples = good
+    return sorted(class_to_idx, key=class_to_idx.get), class_to_idx, samples
+
+
+def load_imagefolder(cfg: DataConfig):
+    from .datasets import DataInfo, Splits
+
+    root = Path(cfg.root)
+    classes, class_to_idx, train = scan(root / "train", None, cfg.skip_corrupt)
+    _, _, val = scan(root / "val", class_to_idx, cfg.skip_corrupt)
+    train_tf, eval_tf, _ = transforms_for(cfg, *IMAGENET_STATS)
+    info = DataInfo(len(classes), 3, (cfg.image_size, cfg.image_size), *IMAGENET_STATS, class_names=classes,
+                    flips=True)
+    return Splits(ImageFiles(train, train_tf, classes), ImageFiles(val, eval_tf, classes), info)

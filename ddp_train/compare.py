@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .artifacts import read_metrics
+from .config import flatten
 from .errors import USER_ERROR_EXIT, UserError
 
 IGNORED = {"run.name"}  # already the row's label
@@ -57,16 +58,6 @@ def load_summary(run: Path) -> dict:
         return json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         return {}  # unfinished or preempted: the table says so
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def differing_keys(configs: list[dict[str, Any]]) -> list[str]:

@@ -197,6 +197,17 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}: the dotted keys overrides use."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def all_keys(cls: type = None, prefix: str = "") -> list[str]:
     """Every dotted leaf key of the schema."""
     cls = cls or Config

@@ -15,7 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import dist, model_state
-from .config import CheckpointConfig
+from .config import CheckpointConfig, flatten
 from .dist import DistEnv
 from .errors import CheckpointError
 from .fsdp import is_fsdp
@@ -192,18 +192,8 @@ def _key_problem(msg: str) -> str:
     return "; ".join(lines)[:600] or msg.splitlines()[0][:300]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _warn_config_changes(old: dict, new: dict) -> None:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
                and not k.startswith(("checkpoint.", "run.", "log."))]
     if changed:

@@ -2,7 +2,7 @@
 process, so a user mistake exits 2 before any worker starts, then execs torchrun or the engine.
 
   ddp-train [--nproc-per-node N] [--nnodes N --rdzv-endpoint HOST:PORT] [--max-restarts K] [CONFIG] [k=v ...]
-  ddp-train verify-resume ...   (the tools, same as python -m ddp_train.X)
+  ddp-train verify-resume|compare|evaluate|export|predict ...   (= python -m ddp_train.<tool>)
 """
 from __future__ import annotations
 

@@ -212,6 +212,10 @@ def main() -> None:
             result["engine_2proc_peak_rss_gb_per_rank"] = multi["peak_rss_gb_per_rank"]
     result["engine_over_hand"] = result["engine"] / result["hand"]
     result["engine_over_seed"] = result["engine"] / result["seed"]
+    # Within a round the three ran minutes apart at most: the median of per-round ratios cancels the drift
+    # of a shared machine better than the ratio of medians.
+    result["engine_over_hand_paired"] = statistics.median(e / h for e, h in zip(runs["engine"], runs["hand"]))
+    result["engine_over_seed_paired"] = statistics.median(e / s for e, s in zip(runs["engine"], runs["seed"]))
     result["bench_peak_rss_gb"] = peak_memory(device)["peak_rss_gb"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
 

@@ -4,15 +4,12 @@ SLURM's variables. This module must stay importable without torch: submitit unpi
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import submitit
-
-log = logging.getLogger("launch.slurm")
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -48,8 +45,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if done >= self.max_requeues:
             print(f"launch.slurm: job {job} was preempted/timed out {done + 1} times; --max-requeues="
-                  f"{self.max_requeues} reached, not requeueing. The checkpoint is saved: resubmit the same "
-                  "command with run.name=<this run> to continue.", file=sys.stderr, flush=True)
+                  f"{self.max_requeues} reached, not requeueing. Its checkpoint is saved: submit the same "
+                  f"command with run.name={_run_name(self.config_path, self.overrides)} to continue it.",
+                  file=sys.stderr, flush=True)
             return
         print(f"launch.slurm: checkpoint saved; requeueing job {job} ({done + 1}/{self.max_requeues})",
               file=sys.stderr, flush=True)
@@ -72,13 +70,19 @@ def _threads_from_slurm() -> None:
         torch.set_num_threads(int(cpus))
 
 
-def _summary(config_path: str | None, overrides: list[str]) -> dict:
-    """The run's summary.json, for submitit's job.result()."""
+def _run_name(config_path: str | None, overrides: list[str]) -> str:
+    """The name the engine gave this job's run (an explicit run.name, else <config>-job<id>)."""
     from ddp_train import dist
     from ddp_train.config import load_config
     from ddp_train.run import default_run_name
 
-    cfg = load_config(config_path, overrides)
-    name = cfg.run.name or default_run_name(config_path, dist.launch_id())
-    path = Path(cfg.run.root) / name / "summary.json"
+    return load_config(config_path, overrides).run.name or default_run_name(config_path, dist.launch_id())
+
+
+def _summary(config_path: str | None, overrides: list[str]) -> dict:
+    """The run's summary.json, for submitit's job.result()."""
+    from ddp_train.config import load_config
+
+    root = load_config(config_path, overrides).run.root
+    path = Path(root) / _run_name(config_path, overrides) / "summary.json"
     return json.loads(path.read_text()) if path.exists() else {}

@@ -125,6 +125,7 @@ def test_a_job_out_of_requeues_keeps_its_checkpoint_and_says_how_to_continue(slu
     rc, job_id, out, err = submit_and_signal(root, slurm_env, "--max-requeues", "0")
     assert rc == 75, out[-2000:] + err[-2000:]
     assert "--max-requeues=0 reached, not requeueing" in out + err
+    assert f"run.name=cpu_smoke-job{job_id} to continue it" in out + err
     assert re.search(rf"job {job_id} FAILED \(exit 75\): rank 0 .*more often than --max-requeues", err), err
     run_dir = only_run_dir(root)
     saved = final_checkpoint(run_dir)

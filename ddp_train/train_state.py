@@ -142,10 +142,10 @@ class CheckpointManager:
     def resume(self, trainer) -> Path | None:
         """Restores the newest good checkpoint (or the configured one) on every rank; all ranks must
         end on the same step. Returns the path, or None for a fresh start."""
-        start = time.perf_counter()
-        chosen = dist.decide_on_main(self.env, self._choose)
+        chosen = dist.decide_on_main(self.env, self._choose)  # also waits for the slowest rank to get here
         if chosen is None:
             return None
+        start = time.perf_counter()  # the load itself, not the wait for the other ranks
         path = Path(chosen)
         state = ckpt.read_checkpoint(path)
         extra = state.get("extra") or {}

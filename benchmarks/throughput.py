@@ -30,6 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ddp_train.artifacts import read_metrics  # noqa: E402
 from ddp_train.config import DataConfig, ModelConfig, load_config  # noqa: E402
 from ddp_train.datasets import load as load_data  # noqa: E402
 from ddp_train.models import build_model  # noqa: E402
@@ -159,8 +160,7 @@ def engine_multi(args, run_root: Path, nproc: int) -> tuple[float, dict]:
 
 
 def window_rate(run_dir: Path, args) -> float:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    windows = [r for r in rows if "train/step_time_s" in r and r["step"] > args.warmup]
+    windows = [r for r in read_metrics(run_dir) if "train/step_time_s" in r and r["step"] > args.warmup]
     steps = len(windows) * args.warmup
     return steps * args.batch / sum(r["train/step_time_s"] * args.warmup for r in windows)
 

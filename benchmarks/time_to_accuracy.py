@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ddp_train.artifacts import read_metrics  # noqa: E402
 
 
 def one_run(args, seed: int, root: Path) -> dict:
@@ -34,8 +37,7 @@ def one_run(args, seed: int, root: Path) -> dict:
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=7200)
     wall = time.time() - start
     run_dir = root / f"seed{seed}"
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip() and "val/top1" in line]
+    evals = [r for r in read_metrics(run_dir) if "val/top1" in r]
     hit = next((r for r in evals if r["val/top1"] >= args.target), None)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"seed": seed, "time_to_target_s": round(hit["time"] - start, 2) if hit else None,

@@ -18,7 +18,7 @@ import yaml
 
 from .artifacts import read_metrics
 from .config import flatten
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import UserError, report
 
 IGNORED = {"run.name"}  # already the row's label
 FINAL = ["val/top1", "val/top5", "val/loss", "best/val_top1", "samples_per_s", "wall_time_s"]
@@ -144,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out} ({drawn} curves)")
         return 0
     except UserError as e:
-        print(f"ddp_train.compare: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report("ddp_train.compare", e)
 
 
 if __name__ == "__main__":

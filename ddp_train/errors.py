@@ -1,5 +1,7 @@
 """User mistakes get one clear line and exit code 2; everything else is a bug and keeps its traceback."""
 
+import sys
+
 USER_ERROR_EXIT = 2
 
 
@@ -17,3 +19,9 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+def report(prog: str, e: UserError) -> int:
+    """The command-line tools' ending for a user mistake: `<prog>: error: <one line>`, exit 2."""
+    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT

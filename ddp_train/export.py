@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import UserError, report
 
 
 def example_batch(info, n: int) -> torch.Tensor:
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
         _, info, model, path, step = load_trained(args.run_dir, args.checkpoint)
     except UserError as e:
-        print(f"ddp_train.export: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report("ddp_train.export", e)
     out_dir = Path(args.run_dir) / "export"
     out_dir.mkdir(exist_ok=True)
     x = example_batch(info, args.batch)

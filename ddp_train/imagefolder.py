@@ -83,11 +83,12 @@ def scan(directory: Path, class_to_idx: dict[str, int] | None, skip_corrupt: boo
     if not samples:
         raise DataError(f"{directory} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
     if skip_corrupt:
-        good = [s for s in samples if _readable(s[0])]
-        if len(good) < len(samples):
-            bad = [s[0] for s in samples if s not in good]
+        good, bad = [], []
+        for sample in samples:
+            (good if _readable(sample[0]) else bad).append(sample)
+        if bad:
             log.warning("skipped %d unreadable image(s) in %s (data.skip_corrupt=true), e.g. %s", len(bad),
-                        directory, bad[0])
+                        directory, bad[0][0])
         samples = good
     return sorted(class_to_idx, key=class_to_idx.get), class_to_idx, samples
 

@@ -16,7 +16,6 @@ log = logging.getLogger("ddp_train")
 
 
 class Logger:
-    def log_config(self, config: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_summary(self, summary: dict[str, Any]) -> None: ...
     def log_checkpoint(self, path: Path, step: int) -> None: ...
@@ -29,10 +28,6 @@ NullLogger = Logger
 class MultiLogger(Logger):
     def __init__(self, loggers: list[Logger]):
         self.loggers = loggers
-
-    def log_config(self, config):
-        for lg in self.loggers:
-            lg.log_config(config)
 
     def log_metrics(self, metrics, step):
         for lg in self.loggers:

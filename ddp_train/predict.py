@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .errors import USER_ERROR_EXIT, UserError
+from .errors import UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {names[i]:<20} {p_:.4f}")
         return 0
     except UserError as e:
-        print(f"ddp_train.predict: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report("ddp_train.predict", e)
 
 
 if __name__ == "__main__":

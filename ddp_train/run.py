@@ -135,7 +135,6 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         trainer = Trainer(cfg, env, model, wrapped, optimizer, scheduler, precision, train, evals,
                           info.num_classes, logger, checkpointer, preemption)
         checkpointer.resume(trainer)
-        logger.log_config(cfg.to_dict())
         log.info("run %s | world %d (%s, %s) | device %s | data %s: %d train / %d test, %s | global batch %d = "
                  "%d ranks x %d micro x %d accum | %d steps/epoch, %d steps total%s", run_dir, env.world_size,
                  cfg.parallel.strategy, torch.distributed.get_backend() if env.distributed else "single",

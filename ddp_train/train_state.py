@@ -74,8 +74,11 @@ class CheckpointManager:
         start = time.perf_counter()
         per_rank = dist.all_gather_object((rng_state(self.env.device, trainer.train.augment), trainer.window_state()))
         rngs, windows = [r for r, _ in per_rank], [w for _, w in per_rank]
-        model_sd, optim_sd = model_state.consolidated(trainer.model, trainer.optimizer)  # collective (FSDP)
-        sharded = self._save_sharded(trainer, step) if is_fsdp(trainer.model) else None
+        fsdp = is_fsdp(trainer.model)
+        model_sd, optim_sd = {}, {}
+        if fsdp or self.env.is_main:  # a collective under FSDP; under DDP only the writer needs the copy
+            model_sd, optim_sd = model_state.consolidated(trainer.model, trainer.optimizer)
+        sharded = self._save_sharded(trainer, step) if fsdp else None
         path = None
         if self.env.is_main:
             state = {"format": ckpt.FORMAT_VERSION, "model": model_sd, "optimizer": optim_sd,

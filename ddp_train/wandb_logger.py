@@ -70,7 +70,7 @@ def prepare_dirs(run_dir: Path) -> Path:
 
 
 class WandbLogger(Logger):
-    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path, resume_id: str | None = None):
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: Path):
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # else a DNS wait at exit when offline
         os.environ.setdefault("WANDB_SILENT", "true")
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
@@ -81,7 +81,7 @@ class WandbLogger(Logger):
         if self.mode == "disabled":
             return
         prepare_dirs(run_dir)
-        self.run_id = resume_id or stable_run_id(run_dir)
+        self.run_id = stable_run_id(run_dir)
         import wandb
 
         self.wandb = wandb
@@ -117,10 +117,6 @@ class WandbLogger(Logger):
                                name=self.run_dir.name, tags=list(w.tags) or None, notes=w.notes,
                                id=self.run_id, resume="allow", mode=mode, dir=str(self.run_dir),
                                config=self.cfg.to_dict(), settings=settings)
-
-    def log_config(self, config: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.config.update(config, allow_val_change=True)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:

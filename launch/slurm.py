@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ddp_train.errors import USER_ERROR_EXIT, UserError
+from ddp_train.errors import UserError, report
 
 from . import preflight, sweep
 
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except UserError as e:
-        print(f"launch.slurm: error: {e}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        return report("launch.slurm", e)
 
 
 def _main(args) -> int:
@@ -109,9 +108,7 @@ def _main(args) -> int:
     params = sbatch_params(args, req, args.job_name or stem, len(elements))
     if args.dry_run:
         return dry_run(folder, params, len(elements))
-    args.swept = [" ".join(e) for e in elements]
-    args.run_name = base.run.name
-    return submit(args, folder, params, config_path, [fixed + e for e in elements], root, req)
+    return submit(args, folder, params, config_path, fixed, elements, base.run.name, root, req)
 
 
 def dry_run(folder: Path, params: dict, n_elements: int) -> int:
@@ -123,8 +120,8 @@ def dry_run(folder: Path, params: dict, n_elements: int) -> int:
     return 0
 
 
-def submit(args, folder: Path, params: dict, config_path: str | None, overrides: list[list[str]],
-           root: Path, req: preflight.Request) -> int:
+def submit(args, folder: Path, params: dict, config_path: str | None, fixed: list[str], elements: list[list[str]],
+           run_name: str | None, root: Path, req: preflight.Request) -> int:
     import submitit
 
     from ddp_train.run import default_run_name
@@ -134,7 +131,7 @@ def submit(args, folder: Path, params: dict, config_path: str | None, overrides:
 
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
-    tasks = [TrainJob(config_path, element, args.max_requeues) for element in overrides]
+    tasks = [TrainJob(config_path, fixed + element, args.max_requeues) for element in elements]
     try:
         if len(tasks) == 1:
             jobs = [executor.submit(tasks[0])]
@@ -147,10 +144,10 @@ def submit(args, folder: Path, params: dict, config_path: str | None, overrides:
     print(f"launch.slurm: submitted {len(jobs)} job{'s' if len(jobs) > 1 else ''} ({req.nodes} node(s) x "
           f"{req.ntasks_per_node} task(s) each); submitit logs in {folder}")
     width = max(len(j.job_id) for j in jobs)
-    for job, swept in zip(jobs, args.swept):
+    for job, element in zip(jobs, elements):
         # The engine names an unnamed run after its job id, which requeues keep: predict that name here.
-        name = args.run_name or default_run_name(config_path, f"job{job.job_id}")
-        print(f"  {job.job_id:<{width}}  {root / name}  {swept}".rstrip())
+        name = run_name or default_run_name(config_path, f"job{job.job_id}")
+        print(f"  {job.job_id:<{width}}  {root / name}  {' '.join(element)}".rstrip())
     sys.stdout.flush()
     if not args.wait:
         return 0

@@ -22,3 +22,19 @@ class Precision:
         if not self.use_autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def configure_backends(deterministic: bool, cudnn_benchmark: bool, tf32: bool) -> None:
+    """Process-wide numerics. TF32 (fp32 matmuls/convs on tensor cores, 10-bit mantissa inputs, fp32
+    accumulation) and cuDNN autotuning are the usual GPU defaults (timm, Lightning's recommendation);
+    train.deterministic turns autotuning off and TF32 down, since both change results run to run."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        return
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32

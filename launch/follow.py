@@ -69,25 +69,38 @@ def explain(st: JobStatus) -> str:
 
 
 def failing_rank(logs: dict[int, str]) -> tuple[int, str | None]:
-    """(rank, srun's words for it). A rank srun saw killed by a signal comes first (the others then fail on
-    broken collectives, which is noise); then the lowest rank with its own error in its log; then the
-    lowest rank srun reported; then rank 0."""
-    reported: dict[int, str] = {}
+    """(rank, srun's words for it). The first task srun reports is the cause: the others were then ended
+    by --kill-on-bad-exit ("Terminated") or failed on broken collectives, which is noise. A signal there
+    (killed, out of memory) names that rank. A task that exited with a code is named unless its log is
+    silent: an error every rank raised alike is printed by rank 0 alone, so the lowest rank that printed
+    an error of its own is named instead. Without srun's reports: the lowest rank with an error, else 0."""
+    events: list[tuple[list[int], str]] = []
     for text in logs.values():
-        for m in SRUN_TASK.finditer(text):
-            for rank in _ranks(m["tasks"]):
-                reported.setdefault(rank, m["what"].strip())
-    for rank, what in sorted(reported.items()):
-        if "Killed" in what or "signal" in what or "Out Of Memory" in what:
+        events = [(_ranks(m["tasks"]), m["what"].strip()) for m in SRUN_TASK.finditer(text)]
+        if events:
+            break
+    own_error = [rank for rank in sorted(logs) if _has_own_error(logs[rank])]
+    if not events:
+        return (own_error[0], None) if own_error else (0, None)
+    what = events[0][1]
+    ranks = [r for rs, w in events if w == what for r in rs]  # every task that ended the same way
+    if "Killed" in what or "signal" in what or "Out Of Memory" in what:
+        return min(ranks), what
+    for rank in sorted(ranks):
+        if rank in own_error:
             return rank, what
-    for rank in sorted(logs):
-        own = "\n".join(ln for ln in logs[rank].splitlines() if not ln.startswith(("srun:", "slurmstepd")))
-        if ("Traceback" in own or "error:" in own) and (not reported or rank in reported):
-            return rank, reported.get(rank)
-    if reported:
-        rank = min(reported)
-        return rank, reported[rank]
-    return 0, None
+    return (own_error[0] if own_error else min(ranks)), what
+
+
+def exit_code_of(words: str | None, default: int) -> int:
+    """srun's 'Exited with exit code N' -> N: the cause's code, not the one the killed rest left in sacct."""
+    m = re.search(r"exit code (\d+)", words or "")
+    return int(m[1]) if m else default
+
+
+def _has_own_error(text: str) -> bool:
+    own = "\n".join(ln for ln in text.splitlines() if not ln.startswith(("srun:", "slurmstepd")))
+    return "Traceback" in own or "error:" in own or "launch.slurm:" in own  # (the requeue verdict is rank 0's)
 
 
 def _ranks(spec: str) -> list[int]:
@@ -111,9 +124,11 @@ def task_logs(folder: Path, job_id: str, ntasks: int) -> dict[int, str]:
     return logs
 
 
-def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15) -> str:
+def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15) -> tuple[str, int]:
+    """(the explanation, the exit code the launcher should return: the failing rank's)."""
     logs = task_logs(folder, job_id, ntasks)
     rank, words = failing_rank(logs)
+    st = JobStatus(st.state, exit_code_of(words, st.exit_code), st.signal)
     lines = [f"launch.slurm: job {job_id} {st.state} (exit {st.exit_code}"
              + (f", signal {st.signal}" if st.signal else "") + f"): rank {rank}"
              + (f" ({words})" if words else "") + f" -- {explain(st)}"]
@@ -121,7 +136,7 @@ def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15
     own = [ln for ln in logs.get(rank, "").splitlines() if ln.strip() and "submitit" not in ln]
     lines.append(f"last lines of rank {rank} ({paths.stderr}):")
     lines += [f"  {ln}" for ln in own[-tail:]]
-    return "\n".join(lines)
+    return "\n".join(lines), st.exit_code
 
 
 class Tail:
@@ -174,9 +189,9 @@ def follow(jobs: list, folder: Path, ntasks: int, stream: bool, poll_s: float = 
     if tail:
         tail.pump(out)
     failed = {j: st for j, st in final.items() if st.state != "COMPLETED"}
+    codes = []
     for job_id, st in failed.items():
-        print(triage(folder, job_id, ntasks, st), file=sys.stderr, flush=True)
-    if not failed:
-        return 0
-    st = next(iter(failed.values()))
-    return st.exit_code or 1
+        text, code = triage(folder, job_id, ntasks, st)
+        print(text, file=sys.stderr, flush=True)
+        codes.append(code)
+    return (codes[0] or 1) if codes else 0

@@ -78,26 +78,54 @@ def check_run_root(root: Path, req: Request) -> None:
         raise UserError(f"run.root={root}: not writable ({e.strerror}); choose a directory the job can write") from None
 
 
-def last_save_seconds(root: Path, run_name: str | None) -> tuple[float, Path] | None:
-    """The newest measured checkpoint save time under run.root (the named run's own first)."""
+def last_save_seconds(root: Path, run_name: str | None) -> tuple[float, float, Path] | None:
+    """(save seconds, step seconds, summary.json): the newest measured checkpoint save under run.root
+    (the named run's own first); the longest save of that run when it recorded one."""
     candidates = [root / run_name / "summary.json"] if run_name else []
     candidates += sorted(root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
     for path in candidates:
         try:
-            seconds = json.loads(path.read_text()).get("checkpoint_save_s")
+            summary = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        seconds = summary.get("checkpoint_save_max_s") or summary.get("checkpoint_save_s")
         if isinstance(seconds, (int, float)):
-            return float(seconds), path
+            step = summary.get("step_time_s")
+            return float(seconds), float(step) if isinstance(step, (int, float)) else 0.0, path
     return None
 
 
-def check_signal_delay(req: Request, root: Path, run_name: str | None) -> None:
+def check_signal_delay(req: Request, root: Path, run_name: str | None) -> str | None:
+    """A preemption save needs one step to reach the step boundary, then the save. Refuses a delay that
+    cannot cover that (the save would be killed); returns a warning when the margin is under 2x (a loaded
+    filesystem is slower than the measurement)."""
     known = last_save_seconds(root, run_name)
-    if known and req.signal_delay_s <= SAVE_MARGIN * known[0]:
+    if not known:
+        return None
+    save, step, where = known
+    need = save + step
+    advice = f"use --signal-delay {int(SAVE_MARGIN * need) + 30} or more"
+    if req.signal_delay_s <= need:
         raise UserError(f"--signal-delay {req.signal_delay_s}s is too short: the last checkpoint save took "
-                        f"{known[0]:.0f} s ({known[1]}); use --signal-delay {int(SAVE_MARGIN * known[0]) + 30} "
-                        "or more")
+                        f"{save:.0f} s plus a step of {step:.1f} s ({where}); {advice}")
+    if req.signal_delay_s < SAVE_MARGIN * need:
+        return (f"--signal-delay {req.signal_delay_s}s leaves little margin: the last save took {save:.0f} s plus "
+                f"a step of {step:.1f} s ({where}); {advice}")
+    return None
+
+
+def default_cpus_per_task(req: Request) -> int | None:
+    """Without --cpus-per-task: the partition's CPUs per node shared among the tasks on a node (what
+    torchrun users get by default), from sinfo; None when SLURM cannot be asked (then SLURM's default)."""
+    if shutil.which("sinfo") is None:
+        return None
+    cmd = ["sinfo", "-h", "-o", "%c"] + (["-p", req.partition] if req.partition else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(c.rstrip("+")) for c in out if c.rstrip("+").isdigit()]
+    return max(1, min(counts) // req.ntasks_per_node) if counts else None
 
 
 def check_slurm(req: Request) -> None:

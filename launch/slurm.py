@@ -55,9 +55,15 @@ def parser() -> argparse.ArgumentParser:
 
 def sbatch_params(args, req: preflight.Request, job_name: str, n_elements: int) -> dict:
     """SlurmExecutor parameter names (submitit's), shared by --dry-run and the real submission."""
+    cpus = args.cpus_per_task or preflight.default_cpus_per_task(req)
+    # srun of Slurm 22.05-23.02 does not inherit the job's --cpus-per-task: pass it, or every task gets one
+    # CPU. --kill-on-bad-exit: a task that dies ends the step at once instead of leaving the others waiting
+    # in a collective until the timeout.
+    srun_args = ["--kill-on-bad-exit=1"] + ([f"--cpus-per-task={cpus}"] if cpus else [])
     params = {"job_name": job_name, "time": args.time, "nodes": args.nodes, "ntasks_per_node": req.ntasks_per_node,
-              "signal_delay_s": args.signal_delay, "additional_parameters": {"requeue": True}}
-    optional = {"gpus_per_node": args.gpus_per_node or None, "cpus_per_task": args.cpus_per_task,
+              "signal_delay_s": args.signal_delay, "additional_parameters": {"requeue": True},
+              "srun_args": srun_args}
+    optional = {"gpus_per_node": args.gpus_per_node or None, "cpus_per_task": cpus,
                 "mem": args.mem, "partition": args.partition, "account": args.account, "qos": args.qos,
                 "constraint": args.constraint}
     params.update({k: v for k, v in optional.items() if v is not None})
@@ -101,7 +107,9 @@ def _main(args) -> int:
         cfg = load_config(config_path, fixed + element)  # a bad swept key or value fails here, by name
         preflight.check_config(cfg, req, " ".join(element) if len(elements) > 1 else "")
     preflight.check_run_root(root, req)
-    preflight.check_signal_delay(req, root, base.run.name)
+    warning = preflight.check_signal_delay(req, root, base.run.name)
+    if warning:
+        print(f"launch.slurm: warning: {warning}", file=sys.stderr, flush=True)
     preflight.check_slurm(req)
 
     folder = Path(args.folder).resolve() if args.folder else root / "slurm_logs" / "%j"

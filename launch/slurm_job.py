@@ -30,17 +30,17 @@ class TrainJob(submitit.helpers.Checkpointable):
         from ddp_train.__main__ import _main
 
         argv = ([self.config_path] if self.config_path else []) + self.overrides
-        rc = _main(argv)
+        # Global rank 0 requeues inside the engine, after the save and before any rank exits: on clusters
+        # with KillOnBadExit=1 the first rank to exit non-zero gets the others killed.
+        rc = _main(argv, on_preempted=self._requeue_or_give_up)
         if rc == PREEMPTED_EXIT:
-            self._requeue_or_give_up()
             sys.exit(rc)  # SystemExit, not an Exception: submitit writes no result, the job is not over
         if rc != 0:
             sys.exit(rc)  # a user error: the engine printed one line; sacct shows the exit code
         return _summary(self.config_path, self.overrides)
 
     def _requeue_or_give_up(self) -> None:
-        if os.environ.get("SLURM_PROCID", "0") != "0":
-            return  # one requeue per job: global rank 0's
+        """Runs on global rank 0 only (the engine calls it there): one requeue per job."""
         job = job_id()
         done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if done >= self.max_requeues:

@@ -43,13 +43,16 @@ def test_preflight_request_rules():
             preflight.check_request(request(**kw))
 
 
-def test_preflight_signal_delay_must_cover_the_last_measured_save(tmp_path):
-    preflight.check_signal_delay(request(signal_delay_s=5), tmp_path, None)  # nothing measured yet: fine
+def test_preflight_signal_delay_must_cover_the_last_measured_save_plus_a_step(tmp_path):
+    assert preflight.check_signal_delay(request(signal_delay_s=5), tmp_path, None) is None  # nothing measured
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "summary.json").write_text(json.dumps({"checkpoint_save_s": 40.0}))
-    with pytest.raises(UserError, match="last checkpoint save took 40 s.*--signal-delay 110"):
-        preflight.check_signal_delay(request(signal_delay_s=60), tmp_path, None)
-    preflight.check_signal_delay(request(signal_delay_s=90), tmp_path, None)
+    (tmp_path / "old" / "summary.json").write_text(json.dumps(
+        {"checkpoint_save_s": 30.0, "checkpoint_save_max_s": 35.0, "step_time_s": 5.0}))
+    with pytest.raises(UserError, match="last checkpoint save took 35 s plus a step of 5.0 s.*--signal-delay 110"):
+        preflight.check_signal_delay(request(signal_delay_s=40), tmp_path, None)  # the save cannot finish
+    warning = preflight.check_signal_delay(request(signal_delay_s=60), tmp_path, None)
+    assert "leaves little margin" in warning and "--signal-delay 110" in warning
+    assert preflight.check_signal_delay(request(signal_delay_s=90), tmp_path, None) is None
 
 
 def test_preflight_refuses_a_node_local_run_root_for_multi_node_jobs(tmp_path):
@@ -81,6 +84,13 @@ def test_failing_rank_prefers_the_killed_rank_over_collateral_tracebacks():
     logs = {0: "srun: error: vm: tasks 0-1: Exited with exit code 2\n", 1: "[rank 1] ddp_train: error: bad\n"}
     assert follow.failing_rank(logs) == (1, "Exited with exit code 2")
     assert follow.failing_rank({0: "", 1: ""}) == (0, None)
+    # --kill-on-bad-exit: a config error every rank raised, printed by rank 0, but rank 1 exited first and
+    # rank 0 was terminated by srun: rank 0 and the code 2 are what the user needs, not "Terminated" (15)
+    logs = {0: "ddp_train: error: MNIST not found\nsrun: error: vm: task 1: Exited with exit code 2\n"
+               "srun: launch/slurm: _step_signal: Terminating StepId=7.0\nsrun: error: vm: task 0: Terminated\n",
+            1: ""}
+    rank, words = follow.failing_rank(logs)
+    assert (rank, words, follow.exit_code_of(words, 15)) == (0, "Exited with exit code 2", 2)
 
 
 def test_rank_and_world_come_from_the_srun_step_not_the_batch_script():
@@ -110,7 +120,8 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path):
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
                  "#SBATCH --partition=gpu", "#SBATCH --time=30", "#SBATCH --signal=USR2@90", "#SBATCH --mem=64G",
                  "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --requeue",
-                 "#SBATCH --cpus-per-task=8", "srun --unbuffered"):
+                 "#SBATCH --cpus-per-task=8", "srun --unbuffered",
+                 "--kill-on-bad-exit=1 --cpus-per-task=8"):  # srun of Slurm 22.05-23.02 needs it passed
         assert line in proc.stdout, line
     assert not (tmp_path / "runs" / "slurm_logs").exists()
 

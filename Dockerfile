@@ -8,7 +8,10 @@ FROM pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    WANDB_ERROR_REPORTING=false
+    WANDB_ERROR_REPORTING=false \
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110
+# torchrun waits this long after forwarding SIGTERM before it SIGKILLs the workers (its default: 30 s).
+# Stop containers with `docker stop -t 120` (docker's own default is 10 s) so a checkpoint can finish.
 
 WORKDIR /app
 # Dependencies first (torch/torchvision come with the base image and satisfy pyproject's bounds), so a

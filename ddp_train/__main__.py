@@ -47,7 +47,7 @@ def print_help() -> None:
         print(f"  {key:<{width}}  {default!r:<14} {typ}")
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], on_preempted=None) -> int:
     from .errors import USER_ERROR_EXIT, UserError
 
     try:
@@ -63,7 +63,7 @@ def _main(argv: list[str]) -> int:
             return 0
         from .run import run
 
-        return run(cfg, config_path)
+        return run(cfg, config_path, on_preempted)
     except UserError as e:
         # One line, no traceback. Errors every rank raised alike are printed by rank 0 only.
         from .dist import from_env

@@ -3,10 +3,46 @@ affine_grid/grid_sample, plus horizontal flips where they keep the label. Its ge
 rank and saved in checkpoints, so a resumed run draws the same transforms as an uninterrupted one."""
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a well-spread 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's random draws in one epoch: a function of the sample, never of the rank."""
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ (epoch & _MASK64)) ^ (index & _MASK64)) >> 1  # < 2**63
+
+
+@contextlib.contextmanager
+def keyed_rng(seed: int, epoch: int, index: int, restore: bool):
+    """torch, numpy and random seeded for one sample; `restore` puts the previous states back afterwards
+    (needed in the training process, where the global generators also drive dropout)."""
+    key = sample_seed(seed, epoch, index)
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate()) if restore else None
+    torch.manual_seed(key)
+    np.random.seed(key & 0xFFFFFFFF)
+    random.seed(key)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            np.random.set_state(saved[1])
+            random.setstate(saved[2])
 
 
 class BatchAugment:

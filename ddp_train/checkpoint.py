@@ -118,11 +118,12 @@ def newest_valid(directory: Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs."""
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs.
+    mmap=True pages tensors in only when used; the caller must copy what it keeps (optimizer.load_state_dict
+    keeps CPU tensors as they are), or the file stays mapped after it is pruned."""
     try:
-        # mmap: tensors are paged in when used, so an FSDP resume from its shards never reads the full model
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:

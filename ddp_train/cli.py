@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import USER_ERROR_EXIT, UserError
     from .run import micro_batch_size
 
+    cfg = None
     try:
         config_path, overrides, flags = split_argv(rest)
         if not flags:
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd += ["--standalone"]
         cmd += ["-m", "ddp_train", *rest]
+        if cfg is not None:
+            # torchrun's own default is 30 s between forwarding SIGTERM and SIGKILL: too short for a large
+            # preemption save. Its LaunchConfig reads this variable (an explicit setting wins).
+            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cfg.parallel.shutdown_timeout_s))
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached

@@ -27,7 +27,7 @@ class DataConfig:
     name: str = "mnist_mini"  # mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic
     root: str = "data"
     device_resident: bool | Literal["auto"] = "auto"
-    num_workers: int = 2
+    num_workers: int | Literal["auto"] = "auto"  # auto: the CPUs this rank may use, minus one, at most 8
     pin_memory: bool = True
     augment: bool = True  # random rotation/translation (+flips where they keep the label), on the device
     download: bool = True
@@ -84,13 +84,21 @@ class TrainConfig:
     eval_every_epochs: int = 1
     eval_batch_size: int = 1000
     deterministic: bool = False
+    cudnn_benchmark: bool = True  # autotune conv kernels (CUDA); off when train.deterministic=true
+    tf32: bool = True  # TF32 matmul/conv for fp32 on Ampere+ (set_float32_matmul_precision('high'))
 
 
 @dataclass
 class ParallelConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: int = 600
+    timeout_s: int = 600  # collectives during training: a hung or dead rank ends the job after this
+    # Waits where one rank works alone (rank 0 downloading or scanning data, writing a checkpoint, the
+    # others loading one): bounded by this, not by timeout_s, so a slow first rank times nobody out.
+    init_timeout_s: int = 3600
+    # Seconds torchrun gives workers between its SIGTERM and SIGKILL (its own default is 30 s): ddp-train
+    # passes it to torchrun; with plain torchrun use --shutdown-timeout or TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
+    shutdown_timeout_s: int = 120
 
 
 @dataclass
@@ -104,6 +112,8 @@ class CheckpointConfig:
         default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     # Fault injection: behave as if a preemption signal arrived after this optimizer step (verify_resume).
     simulate_preempt_at_step: int | None = None
+    # Fault injection: a preemption save takes this many seconds longer (tests of shutdown timeouts).
+    simulate_slow_save_s: float = 0.0
 
 
 @dataclass
@@ -379,12 +389,17 @@ def validate(cfg: Config) -> None:
     _require(c.every_epochs is None or c.every_epochs >= 1, "checkpoint.every_epochs",
              "must be >= 1 or null", c.every_epochs)
     _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", c.keep_last)
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _require(d.num_workers == "auto" or d.num_workers >= 0, "data.num_workers", "must be >= 0 or auto",
+             d.num_workers)
     _require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)", cfg.model.dropout)
     # FSDP2 casts through MixedPrecisionPolicy; fp16 would also need a sharded gradient scaler.
     _require(not (cfg.parallel.strategy == "fsdp" and t.precision == "fp16"), "train.precision",
              "fp16 is not supported with parallel.strategy=fsdp; use bf16 (or fp32)", t.precision)
-    _require(cfg.parallel.timeout_s >= 1, "parallel.timeout_s", "must be >= 1", cfg.parallel.timeout_s)
+    p = cfg.parallel
+    _require(p.timeout_s >= 1, "parallel.timeout_s", "must be >= 1", p.timeout_s)
+    _require(p.init_timeout_s >= 1, "parallel.init_timeout_s", "must be >= 1", p.init_timeout_s)
+    _require(p.shutdown_timeout_s >= 1, "parallel.shutdown_timeout_s", "must be >= 1", p.shutdown_timeout_s)
+    _require(c.simulate_slow_save_s >= 0, "checkpoint.simulate_slow_save_s", "must be >= 0", c.simulate_slow_save_s)
     _require(d.synthetic_train_size >= 1 and d.synthetic_test_size >= 1, "data.synthetic_train_size",
              "and data.synthetic_test_size must be >= 1", (d.synthetic_train_size, d.synthetic_test_size))
     _require(len(d.synthetic_shape) == 3 and all(x >= 1 for x in d.synthetic_shape), "data.synthetic_shape",

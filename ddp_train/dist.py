@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -57,9 +58,10 @@ def from_env(env: dict[str, str] | None = None) -> DistEnv:
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; srun without torchrun sets SLURM_PROCID/LOCALID/NTASKS."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(rank=_int(env, "RANK"), local_rank=_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-                       world_size=_int(env, "WORLD_SIZE"),
-                       local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1,
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else None
+        return DistEnv(rank=rank, local_rank=_local_rank(env, rank, world, local_world), world_size=world,
+                       local_world_size=local_world or 1,
                        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                        master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
                        launcher="torchrun" if "TORCHELASTIC_RUN_ID" in env else "env")
@@ -70,8 +72,8 @@ def from_env(env: dict[str, str] | None = None) -> DistEnv:
         if ntasks > 1:
             per_node = env.get("SLURM_STEP_TASKS_PER_NODE", "").split("(")[0].split(",")[0]
             nnodes = _int(env, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in env else 1
-            addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST")
-                                                               or env.get("SLURM_JOB_NODELIST", ""))
+            addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST")
+                                                        or env.get("SLURM_JOB_NODELIST", ""))
             port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else _port_from_job(env.get("SLURM_JOB_ID", "0"))
             return DistEnv(rank=_int(env, "SLURM_PROCID"), local_rank=_int(env, "SLURM_LOCALID"),
                            world_size=ntasks,
@@ -80,7 +82,68 @@ def from_env(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def _local_rank(env: dict[str, str], rank: int, world: int, local_world: int | None) -> int:
+    """LOCAL_RANK picks the GPU. A hand-made launch that sets only RANK/WORLD_SIZE gets it derived from
+    LOCAL_WORLD_SIZE (ranks fill nodes in order, as torchrun and srun place them) or SLURM_LOCALID; with
+    neither, several ranks would all land on GPU 0, so that is refused."""
+    if "LOCAL_RANK" in env:
+        return _int(env, "LOCAL_RANK")
+    if local_world:
+        return rank % local_world
+    if "SLURM_LOCALID" in env:
+        return _int(env, "SLURM_LOCALID")
+    if world == 1:
+        return 0
+    raise UserError(f"RANK={rank} and WORLD_SIZE={world} are set but LOCAL_RANK is not: set LOCAL_RANK (or "
+                    "LOCAL_WORLD_SIZE, the processes per node), or launch with torchrun, which sets them")
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """SLURM's compressed host lists, as `scontrol show hostnames` expands them: 'gpu[07-08],cpu1' and
+    several bracket groups such as 'rack[1-2]-n[01-04]' (zero padding kept). Raises UserError otherwise."""
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist):
+        expansions = [""]
+        rest = part
+        while rest:
+            if "[" not in rest:
+                expansions = [e + rest for e in expansions]
+                break
+            prefix, _, after = rest.partition("[")
+            inside, closed, rest = after.partition("]")
+            if not closed or not inside:
+                raise UserError(f"cannot read the SLURM node list {nodelist!r}: unbalanced brackets; set "
+                                "MASTER_ADDR to the first node's address")
+            expansions = [e + prefix + n for e in expansions for n in _range_items(inside, nodelist)]
+        hosts += expansions
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p for p in parts + [current] if p]
+
+
+def _range_items(inside: str, nodelist: str) -> list[str]:
+    out = []
+    for item in inside.split(","):
+        lo, dash, hi = item.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise UserError(f"cannot read the SLURM node list {nodelist!r} (range {item!r}); set MASTER_ADDR to "
+                            "the first node's address")
+        out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: scontrol's expansion, else our own parser."""
     if not nodelist:
         return "127.0.0.1"
     try:
@@ -90,12 +153,7 @@ def _first_slurm_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.TimeoutExpired):
         pass
-    # Fallback for simple lists: "node[01-04],gpu7" -> "node01"
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        return prefix + rest.split("-")[0].split(",")[0].rstrip("]")
-    return head
+    return expand_hostlist(nodelist)[0]
 
 
 def _port_from_job(job_id: str) -> int:
@@ -105,16 +163,18 @@ def _port_from_job(job_id: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- process group
-_CONTROL_GROUP = None  # gloo group for CPU-side agreement when the main backend is NCCL
+_CONTROL_GROUP = None  # gloo, parallel.timeout_s: small CPU-side agreements when the main backend is NCCL
+_PATIENT_GROUP = None  # gloo, parallel.init_timeout_s: waits while one rank works alone (data, checkpoints)
 
 
-def init(env: DistEnv, backend: str = "auto", timeout_s: int = 600) -> None:
+def init(env: DistEnv, backend: str = "auto", timeout_s: int = 600, init_timeout_s: int | None = None) -> None:
     if not env.distributed or dist.is_initialized():
         return
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise UserError("parallel.backend=nccl needs CUDA GPUs; use parallel.backend=gloo (or auto) on CPU")
+    check_gloo_address(env)  # gloo carries the control group under NCCL too
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
@@ -122,29 +182,83 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: int = 600) -> None:
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = env.device  # eager NCCL init: a bad GPU fails here, not at the first step
-    timeout = datetime.timedelta(seconds=timeout_s)
+    global _TRAINING_TIMEOUT
+    _TRAINING_TIMEOUT = datetime.timedelta(seconds=timeout_s)
+    # Until training is warm (start-up, resume, the first compiling steps) every group waits as long as
+    # parallel.init_timeout_s: a rank slow to get there must not time the others out. warm() lowers it.
+    patient = datetime.timedelta(seconds=max(timeout_s, init_timeout_s or timeout_s))
+    timeout = patient if can_change_timeout() else _TRAINING_TIMEOUT
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent store outlives restarted workers; without a per-attempt prefix the new group
         # reads the dead workers' gloo addresses ("connectFullMesh ... Connection refused").
-        base = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+        base = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=patient)
         kwargs["store"] = dist.PrefixStore(f"ddp_train/attempt_{restart_count()}", base)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             **kwargs)
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _PATIENT_GROUP
     # Small CPU-side agreements (flags, RNG states, names) go over gloo, never through the GPU stream.
     _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=patient)
+
+
+_TRAINING_TIMEOUT: datetime.timedelta | None = None
+
+
+def can_change_timeout() -> bool:
+    return hasattr(dist, "set_timeout") or hasattr(dist.distributed_c10d, "_set_pg_timeout")
+
+
+def warm() -> None:
+    """Training is warm: from now on a collective that waits longer than parallel.timeout_s means a hung or
+    dead rank (the patient group keeps the long timeout for checkpoint writes)."""
+    if not dist.is_initialized() or _TRAINING_TIMEOUT is None:
+        return
+    setter = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+    setter(_TRAINING_TIMEOUT, None)  # the default group
+    if _CONTROL_GROUP is not None:
+        setter(_TRAINING_TIMEOUT, _CONTROL_GROUP)
+
+
+def loopback_problem(host: str, host_ip: str | None, master: str, master_ip: str | None) -> str | None:
+    """Why gloo cannot work across nodes here, or None. Gloo listens on the address this host's name
+    resolves to; a name mapped to 127.0.1.1 (Debian and most container images) makes it listen on
+    loopback, where other machines cannot connect. Everything on loopback (the master too) is one machine."""
+    if host_ip is None or not host_ip.startswith("127."):
+        return None
+    if master_ip is not None and master_ip.startswith("127."):
+        return None
+    return (f"this host's name {host!r} resolves to {host_ip} (loopback), so gloo would listen where the other "
+            f"nodes cannot reach it (MASTER_ADDR={master}): set GLOO_SOCKET_IFNAME to the network interface "
+            "they reach (e.g. GLOO_SOCKET_IFNAME=eth0), or map the hostname to its real address in /etc/hosts")
+
+
+def check_gloo_address(env: DistEnv) -> None:
+    if env.world_size <= env.local_world_size or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return  # one node, or the interface is chosen explicitly
+    host = socket.gethostname()
+    problem = loopback_problem(host, _resolve(host), env.master_addr, _resolve(env.master_addr))
+    if problem:
+        raise UserError(problem)
+
+
+def _resolve(name: str) -> str | None:
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return None
 
 
 def teardown() -> None:
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _PATIENT_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
-    _CONTROL_GROUP = None
+    _CONTROL_GROUP = _PATIENT_GROUP = None
 
 
-def barrier() -> None:
+def barrier(patient: bool = False) -> None:
+    """patient: bounded by parallel.init_timeout_s (one rank may be busy alone, e.g. writing a checkpoint)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_PATIENT_GROUP if patient else _CONTROL_GROUP)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -201,58 +315,55 @@ class LaggedAnyRank:
         return bool(t.item())
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, patient: bool = False) -> Any:
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, group=_CONTROL_GROUP)
+    dist.broadcast_object_list(box, src=src, group=_PATIENT_GROUP if patient else _CONTROL_GROUP)
     return box[0]
 
 
-def all_gather_object(obj: Any) -> list[Any]:
+def all_gather_object(obj: Any, patient: bool = False) -> list[Any]:
     if not dist.is_initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_CONTROL_GROUP)
+    dist.all_gather_object(out, obj, group=_PATIENT_GROUP if patient else _CONTROL_GROUP)
     return out
 
 
 def decide_on_main(env: DistEnv, fn, *args, **kwargs):
     """Rank 0 computes a (picklable) decision, every rank gets it; a UserError on rank 0 is raised on
-    every rank, so no rank is left waiting at a collective."""
+    every rank, so no rank is left waiting at a collective. The others wait on the patient group: rank 0
+    may take long (a download, a folder scan, hashing a large checkpoint)."""
     error, result = None, None
     if env.is_main:
         try:
             result = fn(*args, **kwargs)
         except UserError as e:
             error = (type(e), str(e))
-    error, result = broadcast_object((error, result))
+    error, result = broadcast_object((error, result), patient=True)
     if error is not None:
         raise _shared(error[0](error[1]))
     return result
+
+
+def everywhere_or_raise(env: DistEnv, fn, *args, **kwargs) -> None:
+    """Runs fn on the ranks that call it with fn set (others pass fn=None), then agrees: the lowest rank's
+    UserError is raised on every rank, so a failure on one node cannot leave the others waiting."""
+    error = None
+    if fn is not None:
+        try:
+            fn(*args, **kwargs)
+        except UserError as e:
+            error = (type(e), str(e))
+    errors = [e for e in all_gather_object(error, patient=True) if e is not None]
+    if errors:
+        raise _shared(errors[0][0](errors[0][1]))
 
 
 def _shared(e: UserError) -> UserError:
     e.shared = True  # every rank raises it: only rank 0 needs to print it
     return e
-
-
-def run_on_main_first(env: DistEnv, fn, *args, **kwargs):
-    """Rank 0 runs fn first (e.g. a download), the others wait, then run it themselves (reading the
-    files). A UserError on rank 0 is raised on every rank instead of leaving the others hanging."""
-    error = None
-    result = None
-    if env.is_main:
-        try:
-            result = fn(*args, **kwargs)
-        except UserError as e:
-            error = (type(e), str(e))
-    error = broadcast_object(error)
-    if error is not None:
-        raise _shared(error[0](error[1]))
-    if not env.is_main:
-        result = fn(*args, **kwargs)
-    return result
 
 
 # ------------------------------------------------------------------------- environment, read once
@@ -268,6 +379,44 @@ def restart_count() -> int:
             if n:
                 return n
     return 0
+
+
+def agent_shutdown_timeout() -> float | None:
+    """Seconds torchrun's agent waits between forwarding SIGTERM to its workers and SIGKILL, or None when
+    no torchrun agent is the parent. Read from the agent's command line (--shutdown-timeout), then the
+    environment torchrun reads (PET_SHUTDOWN_TIMEOUT, TORCH_ELASTIC_SHUTDOWN_TIMEOUT); 30 s otherwise, and
+    always on a torch whose torchrun has no such setting."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        from torch.distributed.launcher.api import LaunchConfig
+
+        if "shutdown_timeout" not in getattr(LaunchConfig, "__dataclass_fields__", {}):
+            return 30.0
+    except ImportError:
+        return 30.0
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        args = []
+    for i, arg in enumerate(args):
+        for flag in ("--shutdown-timeout", "--shutdown_timeout"):
+            if arg == flag and i + 1 < len(args):
+                return _float_or(args[i + 1], 30.0)
+            if arg.startswith(flag + "="):
+                return _float_or(arg.split("=", 1)[1], 30.0)
+    for key in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        if os.environ.get(key):
+            return _float_or(os.environ[key], 30.0)
+    return 30.0
+
+
+def _float_or(text: str, default: float) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return default
 
 
 def launch_id() -> str | None:

@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_run(args, env) -> int:
     from .data import EvalBatches, use_device_resident
-    from .datasets import ImageTensors
-    from .datasets import load as load_data
+    from .datasets import ImageTensors, load_distributed
     from .metrics import evaluate
     from .trained import load_trained
 
@@ -46,10 +45,10 @@ def evaluate_run(args, env) -> int:
     cfg, info, model, path, step = load_trained(run_dir, args.checkpoint)
     if args.data_root:
         cfg.data.root = args.data_root
-    dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s)
+    dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
     device = env.device
     model.to(device)
-    splits = dist.run_on_main_first(env, load_data, cfg.data)
+    splits = load_distributed(env, cfg.data)
     split = splits.test if args.split == "val" else splits.train
     if args.split == "train" and not isinstance(split, ImageTensors):
         split.transform = splits.test.transform  # the evaluation pipeline, not random crops
@@ -66,6 +65,7 @@ def evaluate_run(args, env) -> int:
             rows.append((batches.shard[start + j], t, p_, c))
 
     result = evaluate(model, batches, info.num_classes, device, dummy_input=batches.dummy_input(), on_batch=collect)
+    batches.close()
     gathered = [r for part in dist.all_gather_object(rows) for r in part]
     if env.is_main:
         write_outputs(run_dir, args, cfg, info, split, result, sorted(gathered), path, step, env.world_size)
@@ -77,10 +77,11 @@ def write_outputs(run_dir: Path, args, cfg, info, split, result: dict, rows, pat
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     names = info.class_names or [str(i) for i in range(info.num_classes)]
-    confusion = result["confusion"]
-    per_class = {names[i]: (confusion[i, i].item() / row_total if (row_total := confusion[i].sum().item()) else None)
+    correct, total = result["per_class"]
+    per_class = {names[i]: (correct[i].item() / total[i].item() if total[i] else None)
                  for i in range(info.num_classes)}
-    artifacts.write_confusion(confusion, names, out)
+    if result["confusion"] is not None:  # too many classes: per-class accuracy only
+        artifacts.write_confusion(result["confusion"], names, out)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "true", "predicted", "confidence"])

@@ -93,12 +93,18 @@ def scan(directory: Path, class_to_idx: dict[str, int] | None, skip_corrupt: boo
     return sorted(class_to_idx, key=class_to_idx.get), class_to_idx, samples
 
 
-def load_imagefolder(cfg: DataConfig):
-    from .datasets import DataInfo, Splits
-
+def scan_folders(cfg: DataConfig) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(classes, train samples, val samples): the part worth doing once per job, on rank 0."""
     root = Path(cfg.root)
     classes, class_to_idx, train = scan(root / "train", None, cfg.skip_corrupt)
     _, _, val = scan(root / "val", class_to_idx, cfg.skip_corrupt)
+    return classes, train, val
+
+
+def open_imagefolder(cfg: DataConfig, scanned):
+    from .datasets import DataInfo, Splits
+
+    classes, train, val = scanned
     train_tf, eval_tf, _ = transforms_for(cfg, *IMAGENET_STATS)
     info = DataInfo(len(classes), 3, (cfg.image_size, cfg.image_size), *IMAGENET_STATS, class_names=classes,
                     flips=True)

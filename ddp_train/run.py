@@ -13,14 +13,14 @@ import torch
 from . import artifacts, dist
 from .config import Config
 from .data import EvalBatches, TrainBatches, use_device_resident
-from .datasets import load as load_data
+from .datasets import load_distributed
 from .dist import DistEnv
 from .errors import ConfigError
 from .loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, setup_logging
 from .models import build_model
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
-from .precision import Precision
+from .precision import Precision, configure_backends
 from .preempt import PREEMPTED_EXIT, PreemptionFlag
 from .sysinfo import peak_memory
 from .train_state import CheckpointManager
@@ -91,15 +91,17 @@ def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> tuple[Logger, str
     return MultiLogger(loggers), wandb_id
 
 
-def run(cfg: Config, config_path: str | None = None) -> int:
+def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
+    """Trains `cfg` on this process's rank. Returns 0, or PREEMPTED_EXIT after the agreed preemption save
+    (then `on_preempted`, if given, runs on global rank 0 before any rank returns)."""
     started = time.time()
     env = dist.from_env()
     micro = micro_batch_size(cfg, env)  # a user error before any collective or data work
-    if cfg.train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s)
+    configure_backends(cfg.train.deterministic, cfg.train.cudnn_benchmark, cfg.train.tf32)
+    dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
     logger: Logger = Logger()
     preemption = PreemptionFlag(cfg.checkpoint.preempt_signals)
+    loaders: list = []
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
         setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
@@ -107,7 +109,7 @@ def run(cfg: Config, config_path: str | None = None) -> int:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         device = env.device
 
-        splits = dist.run_on_main_first(env, load_data, cfg.data)  # rank 0 downloads, the others wait
+        splits = load_distributed(env, cfg.data)  # rank 0 downloads/scans, the others wait, then all open
         info = splits.info
         if env.is_main:  # what evaluate/export/predict need to rebuild the model without the dataset
             artifacts.write_json(run_dir / "data_info.json", artifacts.data_info(cfg.data, info))
@@ -120,14 +122,17 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         seed_everything(cfg.run.seed + env.rank)  # dropout/augmentation: a different stream per rank
 
         resident = use_device_resident(cfg.data, splits, device)
+        deaf = cfg.checkpoint.preempt_signals  # DataLoader workers ignore them: the ranks save, then stop them
         train = TrainBatches(splits.train, info, env, cfg.data, micro, cfg.train.grad_accum_steps,
-                             cfg.run.seed, device, resident, cfg.train.channels_last)
+                             cfg.run.seed, device, resident, cfg.train.channels_last, deaf)
         evals = EvalBatches(splits.test, info, env, cfg.data, cfg.train.eval_batch_size, device, resident,
-                            cfg.train.channels_last)
+                            cfg.train.channels_last, deaf)
+        loaders += [train, evals]
         total = cfg.train.epochs * train.steps_per_epoch
         total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total, train.steps_per_epoch)
-        precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp")
+        # FSDP2 casts through its policy; one process is not sharded, so it keeps autocast like DDP
+        precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp" and env.distributed)
 
         logger, wandb_id = build_loggers(cfg, env, run_dir)
         checkpointer = CheckpointManager(cfg.checkpoint, run_dir / "checkpoints", env, cfg.to_dict(), logger)
@@ -152,7 +157,8 @@ def run(cfg: Config, config_path: str | None = None) -> int:
             if device.type == "cuda":
                 summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             artifacts.write_json(run_dir / "summary.json", summary)
-            artifacts.write_confusion(final["confusion"], info.class_names, run_dir / "plots")
+            if final["confusion"] is not None:
+                artifacts.write_confusion(final["confusion"], info.class_names, run_dir / "plots")
             artifacts.write_curves(run_dir)
             logger.log_summary(summary)
             log.info("done: val/top1 %.4f, val/top5 %.4f, val/loss %.4f | %.0f samples/s | %.1f s wall",
@@ -161,11 +167,16 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         return 0
     except Preempted:
         logger.finish(PREEMPTED_EXIT)
+        if on_preempted is not None and env.is_main:
+            on_preempted()  # e.g. `scontrol requeue`: before any rank exits (KillOnBadExit kills the rest)
+        dist.barrier(patient=True)
         return PREEMPTED_EXIT
     except BaseException:
         logger.finish(1)
         raise
     finally:
+        for batches in loaders:
+            batches.close()
         preemption.restore()
         dist.teardown()
 
@@ -181,6 +192,8 @@ def summarise(cfg: Config, env: DistEnv, trainer: Trainer, final: dict, started:
             "data_wait_frac": trainer.data_wait_s / max(trainer.train_time, 1e-9),
             "world_size": env.world_size, "backend": torch.distributed.get_backend() if env.distributed else "none",
             "strategy": cfg.parallel.strategy, "precision": cfg.train.precision,
-            "global_batch_size": cfg.train.global_batch_size, "checkpoint_save_s": saves[-1] if saves else None,
+            "global_batch_size": cfg.train.global_batch_size, "step_time_s": trainer.step_time_s(),
+            "checkpoint_save_s": saves[-1] if saves else None, "checkpoint_save_max_s": max(saves, default=None),
+            "checkpoint_saves": len(saves),
             "checkpoint_failures": trainer.checkpointer.failures, "git_sha": artifacts.git_sha(),
             **artifacts.versions()}

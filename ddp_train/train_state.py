@@ -58,6 +58,7 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         self.save_seconds: list[float] = []
         self.failures = 0
+        self._warned_budget = False
 
     def due_step(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
@@ -87,6 +88,8 @@ class CheckpointManager:
                      "rng": rngs, "wandb_run_id": self.wandb_run_id, "config": self.config,
                      "extra": {"reason": reason, "world_size": self.env.world_size, "time": time.time(),
                                "loss_window": windows, "sharded": sharded}}
+            if reason == "preempt" and self.cfg.simulate_slow_save_s:
+                time.sleep(self.cfg.simulate_slow_save_s)  # fault injection: a save as slow as a large model's
             try:
                 path = ckpt.write_checkpoint(self.directory, step, state)
                 ckpt.prune(self.directory, self.cfg.keep_last)
@@ -97,14 +100,29 @@ class CheckpointManager:
                           step, e, previous[0] if previous else "none")
                 path = None
         # Nobody leaves before the file is complete: a launcher may kill rank 0 once another rank exits.
-        dist.barrier()
+        # The wait is bounded by parallel.init_timeout_s, not the training timeout: a large save may be slow.
+        dist.barrier(patient=True)
         self.last_saved_step = step
         if path is not None:
             self.save_seconds.append(time.perf_counter() - start)
             log.info("saved checkpoint %s (%s, %.2f s)", path, reason, self.save_seconds[-1])
+            self._check_shutdown_budget(self.save_seconds[-1], trainer.step_time_s())
             if self.logger is not None:
                 self.logger.log_checkpoint(path, step)
         return path
+
+    def _check_shutdown_budget(self, save_s: float, step_s: float) -> None:
+        """torchrun SIGKILLs its workers a fixed time after forwarding SIGTERM: say so once if a preemption
+        save (one step to reach the boundary, then the save) would not fit."""
+        budget = dist.agent_shutdown_timeout()
+        if budget is None or self._warned_budget or save_s + step_s < 0.8 * budget:
+            return
+        self._warned_budget = True
+        log.warning("a preemption save needs about %.0f s (save %.1f s + a step %.1f s) but torchrun kills the "
+                    "workers %.0f s after SIGTERM: launch with ddp-train (parallel.shutdown_timeout_s) or "
+                    "torchrun --shutdown-timeout %d, or export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=%d",
+                    save_s + step_s, save_s, step_s, budget, int(2 * (save_s + step_s)) + 10,
+                    int(2 * (save_s + step_s)) + 10)
 
     def _save_sharded(self, trainer, step: int) -> str | None:
         """FSDP: torch.distributed.checkpoint, one file per rank, written to a temp dir and renamed when
@@ -120,41 +138,52 @@ class CheckpointManager:
         except Exception as e:  # DCP raises on every rank alike when one rank failed to write
             log.error("sharded checkpoint at step %d failed (%s); keeping the consolidated one only", step, e)
             return None
-        dist.barrier()
+        dist.barrier(patient=True)
         if self.env.is_main:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
         return final.name
 
     # --------------------------------------------------------------------------------------- resume
-    def _choose(self) -> str | None:
+    def _choose(self, fsdp: bool) -> tuple[str, str | None] | None:
+        """(checkpoint, its sharded directory when this job resumes from the shards): decided on rank 0 and
+        shared, so no rank takes the other path because a shared filesystem showed it a directory late."""
         mode = self.cfg.resume
         if mode == "never":
             return None
         if mode == "auto":
             path = ckpt.newest_valid(self.directory)
-            return str(path) if path else None
-        path = Path(mode)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint.resume={mode}: no such file (use auto, never or a checkpoint path)")
-        problem = ckpt.verify(path) if path.with_suffix(".json").exists() else None
-        if problem:
-            raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
-        return str(path)
+            if path is None:
+                return None
+        else:
+            path = Path(mode)
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint.resume={mode}: no such file (use auto, never or a checkpoint path)")
+            problem = ckpt.verify(path) if path.with_suffix(".json").exists() else None
+            if problem:
+                raise CheckpointError(f"checkpoint.resume={mode}: {problem}")
+        sharded = None
+        if fsdp:
+            extra = ckpt.read_checkpoint(path, mmap=True).get("extra") or {}  # reads only this
+            shards = path.parent / extra["sharded"] if extra.get("sharded") else None
+            if shards is not None and shards.is_dir() and extra.get("world_size") == self.env.world_size:
+                sharded = str(shards)
+        return str(path), sharded
 
     def resume(self, trainer) -> Path | None:
         """Restores the newest good checkpoint (or the configured one) on every rank; all ranks must
         end on the same step. Returns the path, or None for a fresh start."""
-        chosen = dist.decide_on_main(self.env, self._choose)  # also waits for the slowest rank to get here
+        # also waits for the slowest rank to get here
+        chosen = dist.decide_on_main(self.env, self._choose, is_fsdp(trainer.model))
         if chosen is None:
             return None
         start = time.perf_counter()  # the load itself, not the wait for the other ranks
-        path = Path(chosen)
-        state = ckpt.read_checkpoint(path)
+        path, sharded = Path(chosen[0]), chosen[1] and Path(chosen[1])
+        fast = sharded is not None
+        # mmap: an FSDP resume from its shards never reads the full tensors. Everything kept beyond this
+        # function is copied out, so no pruned file stays mapped (on NFS: .nfsXXXX files that never go).
+        state = ckpt.read_checkpoint(path, mmap=fast)
         extra = state.get("extra") or {}
-        sharded = path.parent / extra["sharded"] if extra.get("sharded") else None
-        fast = (is_fsdp(trainer.model) and sharded is not None and sharded.is_dir()
-                and extra.get("world_size") == self.env.world_size)
         try:
             if fast:  # every rank reads its own shard; nothing is gathered
                 model_state.load_sharded(trainer.model, trainer.optimizer, sharded)

@@ -31,6 +31,9 @@ class TrainProgress:
     step_in_epoch: int = 0  # optimizer steps done inside `epoch`: where a resumed run continues
 
 
+WARM_STEPS = 2  # start-up, resume and the first (compiling) step run under parallel.init_timeout_s
+
+
 class Preempted(Exception):
     """Raised after the agreed preemption save; run.py turns it into PREEMPTED_EXIT."""
 
@@ -58,6 +61,7 @@ class Trainer:
         # it, so the first loss logged after a resume averages the same steps as an uninterrupted run's.
         self.loss_window = torch.zeros((), device=self.device)
         self.steps_since_log = 0
+        self._fit_start, self._first_step = None, 0
         self.data_wait_s = 0.0  # host time spent waiting for the next batch: total, and this log window
         self._window_wait_s = 0.0
 
@@ -86,7 +90,8 @@ class Trainer:
         bar = Progress(cfg.log.progress_bar and self.env.is_main, self.total_steps, initial=p.step)
         loss_sum = self.loss_window
         window_start, untimed = time.perf_counter(), self.steps_since_log  # steps from before a resume
-        start = time.perf_counter()
+        start = self._fit_start = time.perf_counter()
+        self._first_step = p.step
         agreement = self._agreement = dist.LaggedAnyRank()
         self.wrapped.train()
         try:
@@ -102,6 +107,8 @@ class Trainer:
                     self._optimizer_step()
                     p.step += 1
                     p.step_in_epoch += 1
+                    if p.step == self._first_step + WARM_STEPS:
+                        dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
                     self.steps_since_log += 1
                     bar.update(1)
                     if p.step % cfg.train.log_every_steps == 0 or p.step == self.total_steps:
@@ -129,6 +136,7 @@ class Trainer:
             agreement.drain()  # no all-reduce left in flight when the loop ends, however it ends
             bar.close()
             self.train_time += time.perf_counter() - start
+            self._fit_start = None
         final = self.run_eval()
         self.checkpointer.save(self, reason="final")
         return final
@@ -179,6 +187,12 @@ class Trainer:
                     self.preemption.signal_name or "on another rank", self.progress.step)
         self.checkpointer.save(self, reason="preempt")
         raise Preempted()
+
+    def step_time_s(self) -> float:
+        """Mean seconds per optimizer step so far (0 before the first one)."""
+        done = self.progress.step - self._first_step
+        elapsed = self.train_time + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+        return elapsed / done if done > 0 else 0.0
 
     # ----------------------------------------------------------------------------------- state
     def progress_dict(self) -> dict:

@@ -77,3 +77,40 @@ def test_prune_keeps_fsdp_shard_directories_exactly_as_long_as_their_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "step_00000020.dcp", "step_00000020.json", "step_00000020.pt",
         "step_00000030.dcp", "step_00000030.json", "step_00000030.pt"]
+
+
+def test_a_resumed_run_keeps_no_checkpoint_file_mapped_after_pruning(tmp_path, monkeypatch):
+    """Resume used to mmap the checkpoint, and optimizer.load_state_dict keeps CPU tensors as they are, so
+    a pruned file stayed mapped (on NFS: .nfsXXXX files nobody can delete). The step-10 checkpoint is
+    rewritten with an index-keyed optimizer state (what optimizer.state_dict() gives and older ddp_train
+    wrote), the path that loads through optimizer.load_state_dict. In-process, world size 1."""
+    import os
+
+    from conftest import CONFIGS
+
+    from ddp_train.config import load_config
+    from ddp_train.run import run
+
+    args = [f"run.root={tmp_path}", "run.name=r", "checkpoint.every_steps=5", "checkpoint.keep_last=1",
+            "train.max_steps=20", "optim.name=adam"]
+    assert run(load_config(CONFIGS / "cpu_smoke.yaml", args + ["checkpoint.simulate_preempt_at_step=10"])) == 75
+    resumed_from = tmp_path / "r" / "checkpoints" / "step_00000010.pt"
+    state = torch.load(resumed_from, weights_only=True)
+    names = [n for g in state["optimizer"]["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    state["optimizer"] = {"state": {index[n]: v for n, v in state["optimizer"]["state"].items()},
+                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                           for g in state["optimizer"]["param_groups"]]}
+    ckpt.write_checkpoint(resumed_from.parent, 10, state)
+    still_mapped = []
+    prune = ckpt.prune
+
+    def prune_and_look(directory, keep_last):  # while the run goes on, right after each prune
+        prune(directory, keep_last)
+        maps = open(f"/proc/{os.getpid()}/maps").read()
+        still_mapped.extend(line.split()[-2] for line in maps.splitlines() if "(deleted)" in line and ".pt" in line)
+
+    monkeypatch.setattr(ckpt, "prune", prune_and_look)
+    assert run(load_config(CONFIGS / "cpu_smoke.yaml", args)) == 0
+    assert not resumed_from.exists()  # pruned by keep_last=1
+    assert still_mapped == []

@@ -94,3 +94,127 @@ def test_eval_shards_count_every_sample_once(world):
         seen += [y for b in batches if b is not None for y in b[1].tolist()]
     assert len(counts) == 1  # same number of batches on every rank: matched collectives
     assert sorted(seen) == sorted(splits.test.labels.tolist())
+
+
+# ------------------------------------------------------------------------------------ DataLoader path
+class RandomSamples(torch.utils.data.Dataset):
+    """Each sample is a random draw (as a random crop would be) plus its index."""
+
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, i):
+        return torch.rand(4), i
+
+
+def _draws(rank: int, world: int, workers: int, epoch: int = 0) -> dict[int, torch.Tensor]:
+    cfg = DataConfig(name="synthetic", augment=False, num_workers=workers)
+    from ddp_train.datasets import DataInfo
+
+    info = DataInfo(48, 1, (1, 1), (0.0,), (1.0,))
+    tb = TrainBatches(RandomSamples(), info, DistEnv(rank=rank, world_size=world), cfg, micro_batch=4, accum=1,
+                      seed=7, device=torch.device("cpu"), resident=False)
+    try:
+        return {int(i): x for xs, ys in tb.epoch(epoch) for x, i in zip(xs, ys)}
+    finally:
+        tb.close()
+
+
+def test_per_sample_randomness_does_not_depend_on_rank_worker_or_world_size():
+    one = _draws(0, 1, workers=0)
+    two = {**_draws(0, 2, workers=2), **_draws(1, 2, workers=1)}
+    assert one.keys() == two.keys() and all(torch.equal(one[i], two[i]) for i in one)
+    assert len({tuple(v.tolist()) for v in one.values()}) == len(one)  # samples draw independently
+    other_epoch = _draws(0, 1, workers=0, epoch=1)
+    assert not torch.equal(one[0], other_epoch[0])
+
+
+def test_the_training_processs_own_random_stream_is_untouched_by_per_sample_draws():
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    _draws(0, 1, workers=0)  # the transforms run in this process
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_dataloader_workers_ignore_sigterm_and_close_stops_them():
+    import os
+    import signal
+
+    from ddp_train.datasets import DataInfo
+
+    cfg = DataConfig(name="synthetic", augment=False, num_workers=2)
+    info = DataInfo(48, 1, (1, 1), (0.0,), (1.0,))
+    tb = TrainBatches(RandomSamples(), info, DistEnv(), cfg, micro_batch=4, accum=1, seed=0,
+                      device=torch.device("cpu"), resident=False, ignore_signals=["SIGTERM"])
+    batches = tb.epoch(0)
+    next(batches)
+    workers = tb.loader._iterator._workers
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)  # what `kill -TERM -- -PGID` does to them
+    assert len([b for b in batches]) == 11  # the rest of the epoch still arrives
+    assert all(w.is_alive() for w in workers)
+    tb.close()
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_device_resident_splits_stay_uint8_and_batches_equal_normalising_the_whole_split():
+    splits = load(_cfg(synthetic_train_size=64, synthetic_test_size=10, synthetic_shape=[3, 4, 4]))
+    tb = TrainBatches(splits.train, splits.info, DistEnv(), _cfg(), micro_batch=8, accum=1, seed=0,
+                      device=torch.device("cpu"), resident=True)
+    assert tb.x.dtype == torch.uint8
+    mean = torch.tensor(splits.info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(splits.info.std).view(1, -1, 1, 1)
+    whole = splits.train.images.float().div_(255).sub_(mean).div_(std)
+    order = tb.order(0)
+    got = torch.cat([x for x, _ in tb.epoch(0)])
+    assert torch.equal(got, whole[order[: len(got)]])
+
+
+# ------------------------------------------------------------------------- rank 0 prepares, once
+def _prepare_worker(rank: int, world: int, port: int, log: str, downloads: bool, fail_on: int | None):
+    import os
+
+    import torch.distributed as tdist
+
+    from ddp_train import dist as ddist
+    from ddp_train.datasets import SOURCES, Source, load_distributed
+    from ddp_train.errors import DataError
+
+    def prepare(cfg):
+        with open(log, "a") as f:
+            f.write(f"{rank}\n")
+        if rank == fail_on:
+            raise DataError(f"rank {rank} cannot fetch")
+        return {"scanned_by": rank}
+
+    SOURCES["counting"] = Source(open=lambda cfg, prepared: prepared, prepare=prepare, downloads=downloads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = ddist.DistEnv(rank=rank, world_size=world, local_world_size=1)  # one rank per "node"
+    ddist.init(env, "gloo", 30)
+    try:
+        result = load_distributed(env, DataConfig(name="counting"))
+        with open(log, "a") as f:
+            f.write(f"got {rank} {result['scanned_by']}\n")
+    except DataError as e:
+        with open(log, "a") as f:
+            f.write(f"error {rank} {e}\n")
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("downloads, fail_on, expected", [
+    (False, None, ["0", "got 0 0", "got 1 0"]),  # a scan: rank 0 only, everyone gets its result
+    (True, None, ["0", "1", "got 0 0", "got 1 0"]),  # a download: rank 0 first, then the other node's first rank
+    (True, 1, ["0", "1", "error 0 rank 1 cannot fetch", "error 1 rank 1 cannot fetch"]),  # nobody left waiting
+])
+def test_rank_0_prepares_alone_then_each_node_and_errors_reach_every_rank(tmp_path, downloads, fail_on, expected):
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    log = tmp_path / "calls.txt"
+    mp.start_processes(_prepare_worker, args=(2, free_port(), str(log), downloads, fail_on), nprocs=2,
+                       start_method="fork")
+    lines = log.read_text().splitlines()
+    assert lines[0] == "0"  # rank 0 is always first
+    assert sorted(lines) == sorted(expected)

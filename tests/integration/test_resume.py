@@ -77,14 +77,21 @@ def worker_pids(agent_pid: int) -> dict[int, int]:
     return out
 
 
-def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bitwise_identical(reference, tmp_path):
-    args = JOB + [f"run.root={tmp_path}", "run.name=job"]
+# The DataLoader path with worker processes: SIGTERM to the process group reaches the workers too.
+# (Both paths produce bitwise the same run, so they share the reference.)
+PATHS = {"device": [], "dataloader": ["data.device_resident=false", "data.num_workers=2"]}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_sigterm_mid_epoch_saves_exits_75_and_resumes_bitwise_identical(reference, tmp_path, path):
+    args = JOB + PATHS[path] + [f"run.root={tmp_path}", "run.name=job"]
     proc = start_torchrun(args)
     wait_for_step(tmp_path / "job", 15, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # what scancel / a preempting scheduler does
     out, err = proc.communicate(timeout=120)
     # torchrun's agent reports the signal it got, not the workers' exit 75; the save is what counts
     assert "preemption signal (SIGTERM) received: saving at step" in out, out[-2000:] + err[-3000:]
+    assert "DataLoader worker" not in out + err, err[-3000:]  # no worker died of the signal
     (ckpt,) = [c for c in (tmp_path / "job" / "checkpoints").glob("*.pt")
                if torch.load(c, weights_only=True)["extra"]["reason"] == "preempt"]
     stopped = torch.load(ckpt, weights_only=True)["progress"]
@@ -171,3 +178,30 @@ def test_verify_resume_reports_exact(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "interrupted after step 7/12: max |param diff| = 0 (bitwise equal: True); losses after step 7 match: True" \
         in proc.stdout
+
+
+def ddp_train_cli(args: list[str]) -> subprocess.Popen:
+    """`ddp-train --nproc-per-node 2 ...` (the front end that execs torchrun), in its own process group."""
+    cmd = [sys.executable, "-m", "ddp_train.cli", "--nproc-per-node", "2", *args]
+    return subprocess.Popen(cmd, env=engine_env(MASTER_PORT=str(free_port())), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("shutdown_timeout, saved", [(3, False), (60, True)])
+def test_torchrun_waits_parallel_shutdown_timeout_s_for_a_slow_preemption_save(tmp_path, shutdown_timeout, saved):
+    """A preemption save that takes 6 s (fault injection) against torchrun's kill deadline, set through the
+    config by ddp-train: 3 s kills the workers mid-save, 60 s lets them finish. The 6 s save also outlasts
+    parallel.timeout_s=3: the other rank waits for it on the patient group, not the training timeout."""
+    args = JOB + [f"run.root={tmp_path}", "run.name=job", "train.max_steps=400", "checkpoint.every_steps=null",
+                  "checkpoint.simulate_slow_save_s=6", "parallel.timeout_s=3",
+                  f"parallel.shutdown_timeout_s={shutdown_timeout}"]
+    proc = ddp_train_cli(args)
+    wait_for_step(tmp_path / "job", 10, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert "preemption signal (SIGTERM) received: saving at step" in out, out[-2000:] + err[-3000:]
+    preempted = [c for c in (tmp_path / "job" / "checkpoints").glob("*.pt")
+                 if torch.load(c, weights_only=True)["extra"]["reason"] == "preempt"]
+    assert bool(preempted) == saved, (out[-2000:], err[-3000:])
+    if saved:
+        assert "saved checkpoint" in out and "Timeout" not in err and "timed out" not in err, err[-3000:]

@@ -1,0 +1,47 @@
+"""Exact evaluation sums: counts are int64 on the device, the confusion matrix agrees with a direct
+count, and a class count too large for a dense C x C matrix keeps per-class counts only."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddp_train.config import DataConfig
+from ddp_train.data import EvalBatches
+from ddp_train.datasets import DataInfo, ImageTensors
+from ddp_train.dist import DistEnv
+from ddp_train.metrics import MAX_CONFUSION_CLASSES, evaluate
+
+
+def batches(classes: int, n: int = 257) -> tuple[EvalBatches, ImageTensors]:
+    g = torch.Generator().manual_seed(0)
+    split = ImageTensors(torch.randint(0, 256, (n, 1, 2, 2), dtype=torch.uint8, generator=g),
+                         torch.randint(0, classes, (n,), generator=g))
+    info = DataInfo(classes, 1, (2, 2), (0.5,), (0.25,))
+    return EvalBatches(split, info, DistEnv(), DataConfig(), 64, torch.device("cpu"), resident=True), split
+
+
+def test_confusion_is_int64_and_equals_a_direct_count():
+    torch.manual_seed(0)
+    evals, split = batches(7)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 7))
+    result = evaluate(model, evals, 7, torch.device("cpu"))
+    with torch.no_grad():
+        pred = torch.cat([model(x).argmax(1) for x, _ in evals if x is not None])
+    direct = torch.zeros(7, 7, dtype=torch.int64)
+    for t, p in zip(split.labels.tolist(), pred.tolist()):
+        direct[t, p] += 1
+    assert result["confusion"].dtype == torch.int64 and torch.equal(result["confusion"], direct)
+    correct, total = result["per_class"]
+    assert torch.equal(correct, direct.diagonal()) and torch.equal(total, direct.sum(1))
+    assert result["count"] == 257 and result["top1"] == direct.diagonal().sum().item() / 257
+
+
+def test_many_classes_skip_the_dense_matrix_but_keep_per_class_accuracy():
+    classes = MAX_CONFUSION_CLASSES + 1
+    evals, split = batches(classes)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, classes))
+    result = evaluate(model, evals, classes, torch.device("cpu"))
+    assert result["confusion"] is None
+    correct, total = result["per_class"]
+    assert total.sum().item() == 257 and torch.equal(total, torch.bincount(split.labels, minlength=classes))
+    assert correct.sum().item() == round(result["top1"] * 257)

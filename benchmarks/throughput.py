@@ -30,11 +30,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddp_train.artifacts import read_metrics  # noqa: E402
 from ddp_train.config import DataConfig, ModelConfig, load_config  # noqa: E402
-from ddp_train.datasets import load as load_data  # noqa: E402
+from ddp_train.config.argv import engine_command  # noqa: E402
+from ddp_train.data import load as load_data  # noqa: E402
 from ddp_train.models import build_model  # noqa: E402
-from ddp_train.sysinfo import peak_memory  # noqa: E402
+from ddp_train.rundir.files import read_metrics  # noqa: E402
+from ddp_train.tracking.sysinfo import peak_memory  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -143,7 +144,7 @@ def engine_overrides(args, run_root: Path, name: str) -> list[str]:
 
 
 def engine_single(args, run_root: Path) -> tuple[float, dict]:
-    from ddp_train.run import run
+    from ddp_train.engine.run import run
 
     cfg = load_config(None, engine_overrides(args, run_root, "single"))
     assert run(cfg) == 0
@@ -153,8 +154,7 @@ def engine_single(args, run_root: Path) -> tuple[float, dict]:
 
 def engine_multi(args, run_root: Path, nproc: int) -> tuple[float, dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-           "ddp_train", *engine_overrides(args, run_root, "multi")]
+    cmd = engine_command(engine_overrides(args, run_root, "multi"), nproc)
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=1800)
     return window_rate(run_root / "multi", args), json.loads((run_root / "multi" / "summary.json").read_text())
 

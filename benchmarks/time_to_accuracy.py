@@ -21,17 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ddp_train.artifacts import read_metrics  # noqa: E402
+from ddp_train.config.argv import engine_command  # noqa: E402
+from ddp_train.rundir.files import read_metrics  # noqa: E402
 
 
 def one_run(args, seed: int, root: Path) -> dict:
     overrides = [*args.rest, f"run.root={root}", f"run.name=seed{seed}", f"run.seed={seed}",
                  "log.wandb.mode=disabled", "log.progress_bar=false"]
-    if args.nproc == 1:
-        cmd = [sys.executable, "-m", "ddp_train", *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "ddp_train", *overrides]
+    cmd = engine_command(overrides, args.nproc)
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
     start = time.time()
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=7200)

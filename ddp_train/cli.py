@@ -31,11 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(TOOLS[argv[0]])
         return module.main(argv[1:]) or 0
     known, rest = _parser().parse_known_args(argv)
-    from .__main__ import split_argv
-    from .config import load_config
-    from .dist import DistEnv
-    from .errors import USER_ERROR_EXIT, UserError
-    from .run import micro_batch_size
+    from . import env as envvars
+    from .config import load_config, micro_batch_size
+    from .config.argv import engine_command, split_argv
+    from .errors import UserError, report
 
     cfg = None
     try:
@@ -46,25 +45,17 @@ def main(argv: list[str] | None = None) -> int:
             if known.nnodes > 1 and not known.rdzv_endpoint:
                 raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node's address)")
             cfg = load_config(config_path, overrides)
-            micro_batch_size(cfg, DistEnv(world_size=known.nproc_per_node * known.nnodes))
+            micro_batch_size(cfg, known.nproc_per_node * known.nnodes)
     except UserError as e:
-        print(f"ddp-train: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    world = known.nproc_per_node * known.nnodes
-    if world == 1 and known.max_restarts == 0 or flags:
-        cmd = [sys.executable, "-m", "ddp_train", *rest]
+        return report("ddp-train", e)
+    if flags:  # --help / --print-config: the engine answers in this process
+        cmd = engine_command(rest)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={known.nproc_per_node}",
-               f"--nnodes={known.nnodes}", f"--max-restarts={known.max_restarts}"]
-        if known.rdzv_endpoint:
-            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={known.rdzv_endpoint}"]
-        else:
-            cmd += ["--standalone"]
-        cmd += ["-m", "ddp_train", *rest]
-        if cfg is not None:
-            # torchrun's own default is 30 s between forwarding SIGTERM and SIGKILL: too short for a large
-            # preemption save. Its LaunchConfig reads this variable (an explicit setting wins).
-            os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cfg.parallel.shutdown_timeout_s))
+        cmd = engine_command(rest, known.nproc_per_node, nnodes=known.nnodes, rdzv_endpoint=known.rdzv_endpoint,
+                             max_restarts=known.max_restarts)
+        # torchrun's own default is 30 s between forwarding SIGTERM and SIGKILL: too short for a large
+        # preemption save. Its LaunchConfig reads this variable (an explicit setting wins).
+        envvars.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(cfg.parallel.shutdown_timeout_s), overwrite=False)
     sys.stdout.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached

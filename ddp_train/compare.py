@@ -16,9 +16,9 @@ from typing import Any
 
 import yaml
 
-from .artifacts import read_metrics
 from .config import flatten
 from .errors import UserError, report
+from .rundir.files import read_metrics
 
 IGNORED = {"run.name"}  # already the row's label
 FINAL = ["val/top1", "val/top5", "val/loss", "best/val_top1", "samples_per_s", "wall_time_s"]

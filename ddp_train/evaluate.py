@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, dist
-from .errors import USER_ERROR_EXIT, UserError
+from . import dist
+from .env import from_env
+from .errors import UserError, report
+from .rundir import files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,22 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="where the dataset is, if not the run's data.root")
     p.add_argument("--mistakes", type=int, default=16, help="how many confident mistakes to draw")
     args = p.parse_args(argv)
-    env = dist.from_env()
+    env = from_env()
     try:
         return evaluate_run(args, env)
     except UserError as e:
-        if env.is_main or not getattr(e, "shared", False):
-            print(f"ddp_train.evaluate: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report("ddp_train.evaluate", e, env.rank)
     finally:
         dist.teardown()
 
 
 def evaluate_run(args, env) -> int:
-    from .data import EvalBatches, use_device_resident
-    from .datasets import ImageTensors, load_distributed
-    from .metrics import evaluate
-    from .trained import load_trained
+    from .data import EvalBatches, ImageTensors, load_distributed, use_device_resident
+    from .engine.evaluation import evaluate
+    from .rundir.trained import load_trained
 
     run_dir = Path(args.run_dir)
     cfg, info, model, path, step = load_trained(run_dir, args.checkpoint)
@@ -81,7 +80,7 @@ def write_outputs(run_dir: Path, args, cfg, info, split, result: dict, rows, pat
     per_class = {names[i]: (correct[i].item() / total[i].item() if total[i] else None)
                  for i in range(info.num_classes)}
     if result["confusion"] is not None:  # too many classes: per-class accuracy only
-        artifacts.write_confusion(result["confusion"], names, out)
+        files.write_confusion(result["confusion"], names, out)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "true", "predicted", "confidence"])
@@ -92,14 +91,14 @@ def write_outputs(run_dir: Path, args, cfg, info, split, result: dict, rows, pat
                "top1": result["top1"], "top5": result["top5"], "count": result["count"],
                "per_class_accuracy": per_class, "mistakes": len([r for r in rows if r[1] != r[2]]),
                "world_size": world_size, "model": cfg.model.name, "dataset": cfg.data.name}
-    artifacts.write_json(run_dir / "eval.json", summary)
+    files.write_json(run_dir / "eval.json", summary)
     print(f"{args.split}: top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss {result['loss']:.4f} "
           f"on {result['count']} samples (step {step}); wrote {run_dir / 'eval.json'} and {out}/")
 
 
 def write_mistakes(png: Path, mistakes, split, info, names) -> None:
     """The most confident wrong predictions, as the model saw them (de-normalised)."""
-    plt = artifacts._pyplot()
+    plt = files.pyplot()
     n = max(1, len(mistakes))
     cols = min(8, n)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(2 * cols, 2.3 * ((n + cols - 1) // cols)),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=1e-4)
     args = p.parse_args(argv)
     try:
-        from .trained import load_trained
+        from .rundir.trained import load_trained
 
         _, info, model, path, step = load_trained(args.run_dir, args.checkpoint)
     except UserError as e:

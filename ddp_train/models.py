@@ -2,7 +2,6 @@
 channels and classes. Pretrained weights only from a local file (no hub download at run time)."""
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,8 +9,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .datasets import DataInfo
-from .errors import ConfigError
+from .data.types import DataInfo
+from .errors import ConfigError, did_you_mean
 
 BUILDERS: dict[str, Callable[[ModelConfig, DataInfo], nn.Module]] = {}
 
@@ -26,9 +25,7 @@ def register(*names: str):
 
 def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
     if cfg.name not in BUILDERS:
-        close = difflib.get_close_matches(cfg.name, list(BUILDERS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(BUILDERS)}"
-        raise ConfigError(f"unknown model 'model.name={cfg.name}'{hint}")
+        raise ConfigError(f"unknown model 'model.name={cfg.name}'" + did_you_mean(cfg.name, list(BUILDERS)))
     model = BUILDERS[cfg.name](cfg, info)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)

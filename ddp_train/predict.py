@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None)
     args = p.parse_args(argv)
     try:
-        from .trained import load_trained, preprocess
+        from .rundir.trained import load_trained, preprocess
 
         _, info, model, _, _ = load_trained(args.run_dir, args.checkpoint)
         batch = torch.stack([preprocess(path, info) for path in args.images])

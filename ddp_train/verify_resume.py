@@ -15,16 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .preempt import PREEMPTED_EXIT
+from .config.argv import engine_command
+from .errors import PREEMPTED_EXIT
 
 
 def _launch(args: list[str], nproc: int) -> int:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "ddp_train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ddp_train", *args]
-    return subprocess.run(cmd).returncode
+    return subprocess.run(engine_command(args, nproc)).returncode
 
 
 def _final(run_dir: Path) -> tuple[dict, list[tuple[int, float]]]:
@@ -46,15 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("engine_args", nargs="*", help="[CONFIG.yaml] [key=value ...]")
     a = ap.parse_args(argv)
     from .config import load_config
-    from .errors import USER_ERROR_EXIT, UserError
+    from .config.argv import split_argv
+    from .errors import USER_ERROR_EXIT, UserError, report
 
-    config_path = next((x for x in a.engine_args if "=" not in x), None)
-    overrides = [x for x in a.engine_args if "=" in x]
     try:
+        config_path, overrides, _ = split_argv(a.engine_args)
         load_config(config_path, overrides)  # a bad config fails here, before three launches
     except UserError as e:
-        print(f"verify_resume: error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        return report("verify_resume", e)
     root = Path(a.root or tempfile.mkdtemp(prefix="verify_resume-"))
     tag = time.strftime("%Y%m%d-%H%M%S")
     common = a.engine_args + [f"run.root={root}", "checkpoint.resume=auto", "log.wandb.mode=disabled",

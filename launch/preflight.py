@@ -8,10 +8,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddp_train.config import Config
-from ddp_train.dist import DistEnv
+from ddp_train.config import Config, micro_batch_size
 from ddp_train.errors import UserError
-from ddp_train.run import micro_batch_size
+from ddp_train.rundir.naming import ensure_writable
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
 SAVE_MARGIN = 2.0  # the signal delay must cover a step still in flight plus the save, under load
@@ -60,7 +59,7 @@ def check_config(cfg: Config, req: Request, label: str = "") -> None:
     """The engine's own checks, for the world size this request gives."""
     where = f" (sweep element {label})" if label else ""
     try:
-        micro_batch_size(cfg, DistEnv(world_size=req.world_size))
+        micro_batch_size(cfg, req.world_size)
     except UserError as e:
         raise UserError(f"{e} -- with --nodes {req.nodes} x {req.ntasks_per_node} tasks per node{where}") from None
 
@@ -69,13 +68,7 @@ def check_run_root(root: Path, req: Request) -> None:
     if req.nodes > 1 and str(root.resolve()).startswith(NODE_LOCAL):
         raise UserError(f"run.root={root} is node-local; with --nodes {req.nodes} every node must see the same "
                         "run directory: put run.root on a shared filesystem")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".ddp_train_write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"run.root={root}: not writable ({e.strerror}); choose a directory the job can write") from None
+    ensure_writable(root, f"run.root={root}", "the run root")
 
 
 def last_save_seconds(root: Path, run_name: str | None) -> tuple[float, float, Path] | None:

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
-    from ddp_train.__main__ import split_argv
     from ddp_train.config import load_config
+    from ddp_train.config.argv import split_argv
 
     config_path, overrides, flags = split_argv(args.args)
     if flags:
@@ -132,7 +132,7 @@ def submit(args, folder: Path, params: dict, config_path: str | None, fixed: lis
            run_name: str | None, root: Path, req: preflight.Request) -> int:
     import submitit
 
-    from ddp_train.run import default_run_name
+    from ddp_train.rundir.naming import default_run_name
 
     from .follow import follow
     from .slurm_job import TrainJob

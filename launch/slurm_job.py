@@ -1,10 +1,9 @@
 """What runs inside each SLURM task: the engine itself, in-process (no torchrun inside). SLURM's srun
-started one task per GPU (per process on CPU); ddp_train.dist derives rank/world/MASTER_ADDR/port from
+started one task per GPU (per process on CPU); ddp_train.env derives rank/world/MASTER_ADDR/port from
 SLURM's variables. This module must stay importable without torch: submitit unpickles the job by name."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.max_requeues = max_requeues
 
     def __call__(self) -> dict:
-        from ddp_train.preempt import PREEMPTED_EXIT
+        from ddp_train.__main__ import run_command
+        from ddp_train.errors import PREEMPTED_EXIT
 
         _threads_from_slurm()
-        from ddp_train.__main__ import _main
 
         argv = ([self.config_path] if self.config_path else []) + self.overrides
         # Global rank 0 requeues inside the engine, after the save and before any rank exits: on clusters
         # with KillOnBadExit=1 the first rank to exit non-zero gets the others killed.
-        rc = _main(argv, on_preempted=self._requeue_or_give_up)
+        rc = run_command(argv, on_preempted=self._requeue_or_give_up)
         if rc == PREEMPTED_EXIT:
             sys.exit(rc)  # SystemExit, not an Exception: submitit writes no result, the job is not over
         if rc != 0:
@@ -41,8 +40,10 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _requeue_or_give_up(self) -> None:
         """Runs on global rank 0 only (the engine calls it there): one requeue per job."""
-        job = job_id()
-        done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        from ddp_train import env
+
+        job = env.slurm_job_id()
+        done = env.slurm_restarts()
         if done >= self.max_requeues:
             print(f"launch.slurm: job {job} was preempted/timed out {done + 1} times; --max-requeues="
                   f"{self.max_requeues} reached, not requeueing. Its checkpoint is saved: submit the same "
@@ -56,27 +57,24 @@ class TrainJob(submitit.helpers.Checkpointable):
             print(f"launch.slurm: scontrol requeue {job}: {proc.stderr.strip()}", file=sys.stderr, flush=True)
 
 
-def job_id() -> str:
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID", "")
-
-
 def _threads_from_slurm() -> None:
     # torchrun would set OMP_NUM_THREADS=1; srun does not. Use the CPUs SLURM gave this task.
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+    from ddp_train import env
+
+    cpus = env.slurm_cpus_per_task()
+    if cpus and env.getenv("OMP_NUM_THREADS") is None:
         import torch
 
-        torch.set_num_threads(int(cpus))
+        torch.set_num_threads(cpus)
 
 
 def _run_name(config_path: str | None, overrides: list[str]) -> str:
     """The name the engine gave this job's run (an explicit run.name, else <config>-job<id>)."""
-    from ddp_train import dist
+    from ddp_train import env
     from ddp_train.config import load_config
-    from ddp_train.run import default_run_name
+    from ddp_train.rundir.naming import default_run_name
 
-    return load_config(config_path, overrides).run.name or default_run_name(config_path, dist.launch_id())
+    return load_config(config_path, overrides).run.name or default_run_name(config_path, env.launch_id())
 
 
 def _summary(config_path: str | None, overrides: list[str]) -> dict:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ddp_train.config.argv import engine_command
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SLURM_SCRIPTS = ROOT / "tests" / "slurm"  # start-cluster.sh / stop-cluster.sh
@@ -38,11 +40,7 @@ def engine_env(**extra: str) -> dict[str, str]:
 def run_engine(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout: float = 300,
                env: dict[str, str] | None = None, torchrun_args: list[str] = ()) -> subprocess.CompletedProcess:
     """nproc=1 -> `python -m ddp_train`; nproc>1 -> `torchrun --nproc_per_node=nproc -m ddp_train`."""
-    if nproc == 1 and not torchrun_args:
-        cmd = [sys.executable, "-m", "ddp_train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", *torchrun_args, "-m", "ddp_train", *args]
+    cmd = engine_command(args, nproc, master_port=free_port(), torchrun_args=list(torchrun_args))
     return subprocess.run(cmd, cwd=cwd, env=env or engine_env(), capture_output=True, text=True,
                           timeout=timeout)
 

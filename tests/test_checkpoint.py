@@ -6,13 +6,16 @@ import sys
 import pytest
 import torch
 
-from ddp_train import checkpoint as ckpt
 from ddp_train.errors import CheckpointError
+from ddp_train.rundir import checkpoints as ckpt
+
+ENGINE_KEYS = {"format", "model", "optimizer", "config", "extra", "per_rank", "progress", "scheduler", "scaler"}
 
 
 def state(step):
-    return {"format": 1, "model": {"w": torch.full((4,), float(step))}, "optimizer": {}, "scheduler": {},
-            "scaler": {}, "progress": {"step": step}, "rng": [], "wandb_run_id": None, "config": {}, "extra": {}}
+    return {"format": ckpt.FORMAT_VERSION, "model": {"w": torch.full((4,), float(step))}, "optimizer": {},
+            "scheduler": {}, "scaler": {}, "progress": {"step": step}, "per_rank": [], "config": {},
+            "extra": {"step": step}}
 
 
 def test_keep_last_and_orphans(tmp_path):
@@ -41,14 +44,14 @@ def test_unexpected_layout_names_the_keys(tmp_path):
     p = tmp_path / "x.pt"
     torch.save({"model": {}, "bogus": 1}, p)
     with pytest.raises(CheckpointError, match=r"missing keys \[.*'optimizer'.*\], unexpected keys \['bogus'\]"):
-        ckpt.read_checkpoint(p)
+        ckpt.read_checkpoint(p, expected=ENGINE_KEYS)
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
     code = f"""
 import resource, signal, torch, sys
 from pathlib import Path
-from ddp_train import checkpoint as ckpt
+from ddp_train.rundir import checkpoints as ckpt
 d = Path({str(tmp_path)!r})
 ckpt.write_checkpoint(d, 1, {{"model": {{"w": torch.zeros(10)}}}})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG as an OSError instead of being killed
@@ -89,7 +92,7 @@ def test_a_resumed_run_keeps_no_checkpoint_file_mapped_after_pruning(tmp_path, m
     from conftest import CONFIGS
 
     from ddp_train.config import load_config
-    from ddp_train.run import run
+    from ddp_train.engine.run import run
 
     args = [f"run.root={tmp_path}", "run.name=r", "checkpoint.every_steps=5", "checkpoint.keep_last=1",
             "train.max_steps=20", "optim.name=adam"]

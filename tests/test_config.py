@@ -78,3 +78,20 @@ def test_every_key_is_listed():
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
     assert cfg.model.name and cfg.data.name
+
+
+def test_help_describes_every_key():
+    import subprocess
+    import sys
+
+    from conftest import ROOT, engine_env
+
+    proc = subprocess.run([sys.executable, "-m", "ddp_train", "--help"], cwd=ROOT, env=engine_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ") and
+            line.split()[0] in all_keys()}
+    assert set(rows) == set(all_keys()) and len(rows) >= 60
+    for key, line in rows.items():
+        description = line.split(": ", 1)[1] if ": " in line else ""
+        assert len(description.split()) >= 2, f"{key} has no description: {line!r}"

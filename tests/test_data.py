@@ -8,9 +8,8 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from ddp_train.config import DataConfig
-from ddp_train.data import EvalBatches, TrainBatches
-from ddp_train.datasets import load
-from ddp_train.dist import DistEnv
+from ddp_train.data import EvalBatches, TrainBatches, load
+from ddp_train.env import DistEnv
 from ddp_train.errors import DataError
 
 
@@ -109,7 +108,7 @@ class RandomSamples(torch.utils.data.Dataset):
 
 def _draws(rank: int, world: int, workers: int, epoch: int = 0) -> dict[int, torch.Tensor]:
     cfg = DataConfig(name="synthetic", augment=False, num_workers=workers)
-    from ddp_train.datasets import DataInfo
+    from ddp_train.data import DataInfo
 
     info = DataInfo(48, 1, (1, 1), (0.0,), (1.0,))
     tb = TrainBatches(RandomSamples(), info, DistEnv(rank=rank, world_size=world), cfg, micro_batch=4, accum=1,
@@ -141,7 +140,7 @@ def test_dataloader_workers_ignore_sigterm_and_close_stops_them():
     import os
     import signal
 
-    from ddp_train.datasets import DataInfo
+    from ddp_train.data import DataInfo
 
     cfg = DataConfig(name="synthetic", augment=False, num_workers=2)
     info = DataInfo(48, 1, (1, 1), (0.0,), (1.0,))
@@ -162,7 +161,7 @@ def test_device_resident_splits_stay_uint8_and_batches_equal_normalising_the_who
     splits = load(_cfg(synthetic_train_size=64, synthetic_test_size=10, synthetic_shape=[3, 4, 4]))
     tb = TrainBatches(splits.train, splits.info, DistEnv(), _cfg(), micro_batch=8, accum=1, seed=0,
                       device=torch.device("cpu"), resident=True)
-    assert tb.x.dtype == torch.uint8
+    assert tb.resident.x.dtype == torch.uint8
     mean = torch.tensor(splits.info.mean).view(1, -1, 1, 1)
     std = torch.tensor(splits.info.std).view(1, -1, 1, 1)
     whole = splits.train.images.float().div_(255).sub_(mean).div_(std)
@@ -178,7 +177,8 @@ def _prepare_worker(rank: int, world: int, port: int, log: str, downloads: bool,
     import torch.distributed as tdist
 
     from ddp_train import dist as ddist
-    from ddp_train.datasets import SOURCES, Source, load_distributed
+    from ddp_train.data import SOURCES, Source, load_distributed
+    from ddp_train.env import DistEnv
     from ddp_train.errors import DataError
 
     def prepare(cfg):
@@ -190,7 +190,7 @@ def _prepare_worker(rank: int, world: int, port: int, log: str, downloads: bool,
 
     SOURCES["counting"] = Source(open=lambda cfg, prepared: prepared, prepare=prepare, downloads=downloads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env = ddist.DistEnv(rank=rank, world_size=world, local_world_size=1)  # one rank per "node"
+    env = DistEnv(rank=rank, world_size=world, local_world_size=1)  # one rank per "node"
     ddist.init(env, "gloo", 30)
     try:
         result = load_distributed(env, DataConfig(name="counting"))

@@ -1,24 +1,25 @@
-"""Who-am-I rules that need no process group: local rank derivation, SLURM host lists, the loopback
-check for multi-node gloo, torchrun's kill deadline, worker counts and backend flags."""
+"""Who-am-I rules (env.py) and the checks dist.py makes before a process group: local rank derivation,
+SLURM host lists, the loopback check for multi-node gloo, torchrun's kill deadline, worker counts and
+backend flags."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ddp_train import dist
+from ddp_train import dist, env
 from ddp_train.data import worker_count
+from ddp_train.engine.precision import configure_backends
 from ddp_train.errors import UserError
-from ddp_train.precision import configure_backends
 
 
 def test_local_rank_is_derived_or_refused_never_every_rank_on_gpu_0():
     base = {"RANK": "5", "WORLD_SIZE": "8"}
-    assert dist.from_env({**base, "LOCAL_RANK": "1"}).local_rank == 1
-    assert dist.from_env({**base, "LOCAL_WORLD_SIZE": "4"}).local_rank == 1  # ranks fill nodes in order
-    assert dist.from_env({**base, "SLURM_LOCALID": "3"}).local_rank == 3
-    assert dist.from_env({"RANK": "0", "WORLD_SIZE": "1"}).local_rank == 0
+    assert env.from_env({**base, "LOCAL_RANK": "1"}).local_rank == 1
+    assert env.from_env({**base, "LOCAL_WORLD_SIZE": "4"}).local_rank == 1  # ranks fill nodes in order
+    assert env.from_env({**base, "SLURM_LOCALID": "3"}).local_rank == 3
+    assert env.from_env({"RANK": "0", "WORLD_SIZE": "1"}).local_rank == 0
     with pytest.raises(UserError, match="LOCAL_RANK is not: set LOCAL_RANK"):
-        dist.from_env(base)
+        env.from_env(base)
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -29,18 +30,18 @@ def test_local_rank_is_derived_or_refused_never_every_rank_on_gpu_0():
     ("a[9-10]b,c", ["a9b", "a10b", "c"]),
 ])
 def test_slurm_host_lists_expand_like_scontrol(nodelist, hosts):
-    assert dist.expand_hostlist(nodelist) == hosts
+    assert env.expand_hostlist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("bad", ["gpu[01-", "gpu[a-b]", "gpu[]"])
 def test_an_unreadable_host_list_is_refused_naming_it(bad):
     with pytest.raises(UserError, match="cannot read the SLURM node list .*set MASTER_ADDR"):
-        dist.expand_hostlist(bad)
+        env.expand_hostlist(bad)
 
 
 def test_first_host_without_scontrol_uses_the_parser(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
-    assert dist.first_host("rack[1-2]-n[01-04]") == "rack1-n01"
+    assert env.first_host("rack[1-2]-n[01-04]") == "rack1-n01"
 
 
 def test_gloo_on_a_hostname_that_resolves_to_loopback_is_caught_for_multi_node_jobs():
@@ -52,21 +53,21 @@ def test_gloo_on_a_hostname_that_resolves_to_loopback_is_caught_for_multi_node_j
 
 
 def test_a_single_node_job_is_never_refused_for_loopback():
-    dist.check_gloo_address(dist.DistEnv(rank=0, world_size=2, local_world_size=2, master_addr="10.255.255.1"))
+    dist.check_gloo_address(env.DistEnv(rank=0, world_size=2, local_world_size=2, master_addr="10.255.255.1"))
 
 
 def test_torchruns_kill_deadline_is_read_from_its_environment(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    assert dist.agent_shutdown_timeout() is None  # not under torchrun
+    assert env.agent_shutdown_timeout() is None  # not under torchrun
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     for key in ("PET_SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
     from torch.distributed.launcher.api import LaunchConfig
 
     configurable = "shutdown_timeout" in LaunchConfig.__dataclass_fields__
-    assert dist.agent_shutdown_timeout() == 30.0
+    assert env.agent_shutdown_timeout() == 30.0
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "77")
-    assert dist.agent_shutdown_timeout() == (77.0 if configurable else 30.0)
+    assert env.agent_shutdown_timeout() == (77.0 if configurable else 30.0)
 
 
 def test_auto_workers_share_the_cpus_among_the_ranks_of_a_node(monkeypatch):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import CONFIGS, ROOT, engine_env
 
-from ddp_train.dist import cuda_index, from_env
+from ddp_train.env import cuda_index, from_env
 from ddp_train.errors import UserError
 from launch import follow, preflight, sweep
 

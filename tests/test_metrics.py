@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from ddp_train.config import DataConfig
-from ddp_train.data import EvalBatches
-from ddp_train.datasets import DataInfo, ImageTensors
-from ddp_train.dist import DistEnv
-from ddp_train.metrics import MAX_CONFUSION_CLASSES, evaluate
+from ddp_train.data import DataInfo, EvalBatches, ImageTensors
+from ddp_train.engine.evaluation import MAX_CONFUSION_CLASSES, evaluate
+from ddp_train.env import DistEnv
 
 
 def batches(classes: int, n: int = 257) -> tuple[EvalBatches, ImageTensors]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddp_train.config import ModelConfig
-from ddp_train.datasets import DataInfo
+from ddp_train.data import DataInfo
 from ddp_train.errors import ConfigError
 from ddp_train.models import build_model, load_pretrained
 

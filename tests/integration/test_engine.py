@@ -59,10 +59,9 @@ def test_distributed_eval_counts_each_sample_once_and_matches_single_process(pai
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     # Evaluate the 2-process run's final weights in this one process: the numbers must be the same.
     from ddp_train.config import load_config
-    from ddp_train.data import EvalBatches
-    from ddp_train.datasets import load
-    from ddp_train.dist import DistEnv
-    from ddp_train.metrics import evaluate
+    from ddp_train.data import EvalBatches, load
+    from ddp_train.engine.evaluation import evaluate
+    from ddp_train.env import DistEnv
     from ddp_train.models import build_model
 
     cfg = load_config(pair / "two" / "config.yaml")

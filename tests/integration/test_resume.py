@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import CONFIGS, check, engine_env, final_checkpoint, free_port, read_jsonl, run_engine
 
+from ddp_train.config.argv import engine_command
+
 pytestmark = pytest.mark.slow
 
 # Dropout and augmentation on: their RNG streams must be restored too. 62 steps/epoch: crosses an epoch.
@@ -46,8 +48,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def start_torchrun(args: list[str], extra: list[str] = ()) -> subprocess.Popen:
-    port = [] if "--standalone" in extra else [f"--master_port={free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *port, *extra, "-m", "ddp_train", *args]
+    cmd = engine_command(args, 2, master_port=free_port(), torchrun_args=list(extra))
     return subprocess.Popen(cmd, env=engine_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, like a SLURM job step
 

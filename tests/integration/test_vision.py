@@ -71,8 +71,8 @@ def test_evaluate_writes_eval_json_whose_top1_matches_a_hand_computation(trained
     assert len(rows) == result["count"] == 12
     assert result["top1"] == sum(r["true"] == r["predicted"] for r in rows) / len(rows)
     # ...and by hand, independently of the tool: the checkpoint's model on the val images.
-    from ddp_train.datasets import load
-    from ddp_train.trained import load_trained
+    from ddp_train.data import load
+    from ddp_train.rundir.trained import load_trained
 
     cfg, _, model, _, _ = load_trained(run)
     cfg.data.root = str(data)
@@ -97,7 +97,7 @@ def test_onnx_export_round_trips_within_tolerance(trained):
     assert diff <= 1e-4
     import onnxruntime as ort
 
-    from ddp_train.trained import load_trained
+    from ddp_train.rundir.trained import load_trained
 
     _, _, model, _, _ = load_trained(runs / "resnet18")
     x = torch.randn(5, 3, 32, 32)  # a batch size the export never saw

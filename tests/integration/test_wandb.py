@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import CONFIGS, ROOT, check, engine_env, free_port, read_jsonl, run_engine
 
-from ddp_train.wandb_logger import resolve_mode
+from ddp_train.tracking.wandb_logger import resolve_mode
 
 pytestmark = pytest.mark.slow
 SMOKE = str(CONFIGS / "cpu_smoke.yaml")

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .config import OptimConfig, SchedConfig
+from ..config import OptimConfig, SchedConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:

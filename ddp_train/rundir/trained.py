@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
-from .config import Config, load_config
-from .datasets import DataInfo
-from .errors import CheckpointError, UserError
-from .models import build_model
+from ..config import Config, load_config
+from ..data.types import DataInfo
+from ..errors import CheckpointError, UserError
+from ..models import build_model
+from . import checkpoints as ckpt
 
 
 def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, DataInfo, nn.Module, Path, int]:
@@ -42,14 +42,14 @@ def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Co
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit model.name={cfg.model.name}: {str(e).splitlines()[0]}") from None
     model.eval()
-    return cfg, info, model, path, int(state["progress"]["step"])
+    return cfg, info, model, path, int(state["extra"]["step"])
 
 
 def preprocess(path: str | Path, info: DataInfo) -> torch.Tensor:
     """One image file -> a normalised [C, H, W] tensor, as the evaluation pipeline sees it."""
     from torchvision import transforms as T
 
-    from .imagefolder import open_image
+    from ..data.imagefolder import open_image
 
     image = open_image(str(path), "L" if info.in_channels == 1 else "RGB")
     size = tuple(info.image_size)

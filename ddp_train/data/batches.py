@@ -10,7 +10,6 @@ so every sample is counted exactly once."""
 from __future__ import annotations
 
 import math
-import os
 import signal
 from collections.abc import Iterator
 
@@ -18,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torch.utils.data.distributed import DistributedSampler
 
+from ..config import DataConfig
+from ..env import DistEnv, cpus_available
+from ..errors import ConfigError, DataError
 from .augment import BatchAugment, keyed_rng
-from .config import DataConfig
-from .datasets import DataInfo, ImageTensors, Splits
-from .dist import DistEnv
-from .errors import ConfigError, DataError
+from .types import DataInfo, ImageTensors, Splits
 
 RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
 RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
@@ -49,8 +48,7 @@ def worker_count(setting: int | str, local_world_size: int) -> int:
     training process itself, between 1 and 8."""
     if setting != "auto":
         return int(setting)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // max(1, local_world_size) - 1))
+    return max(1, min(8, cpus_available() // max(1, local_world_size) - 1))
 
 
 class Normaliser:
@@ -66,6 +64,26 @@ class Normaliser:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255).sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class ResidentSplit:
+    """A whole split on the device as uint8, handed out a batch of indices at a time, normalised."""
+
+    def __init__(self, split: ImageTensors, info: DataInfo, device: torch.device, channels_last: bool):
+        self.x = split.images.to(device)
+        self.y = split.labels.to(device)
+        self.normalise = Normaliser(info, device, channels_last)
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalise(self.x[idx]), self.y[idx]
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    """A DataLoader batch onto the device (asynchronously from pinned memory)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
 
 
 class NormalisedTensors(Dataset):
@@ -185,13 +203,9 @@ class TrainBatches:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.global_batch_size={micro_batch * accum * env.world_size} is larger "
                               f"than the training split ({self.n} samples): lower train.global_batch_size")
-        self.resident = resident
+        self.resident = ResidentSplit(split, info, device, channels_last) if resident else None
         self.loader = None
-        if resident:
-            self.x = split.images.to(device)  # uint8
-            self.y = split.labels.to(device)
-            self.normalise = Normaliser(info, device, channels_last)
-        else:
+        if not resident:
             self._sampler = _ListSampler()
             workers = worker_count(cfg.num_workers, env.local_world_size)
             self.loader = _loader(SampleKeyed(_as_dataset(split, info), seed), micro_batch, self._sampler, cfg,
@@ -206,21 +220,25 @@ class TrainBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_step = self.micro * self.accum
         idx = self.order(epoch)[start_step * per_step: self.steps_per_epoch * per_step]
-        if self.resident:
+        if self.resident is not None:
             idx = idx.to(self.device, non_blocking=True)
-            for i in range(0, len(idx), self.micro):
-                sel = idx[i: i + self.micro]
-                yield self._augment(self.normalise(self.x[sel])), self.y[sel]
-            return
-        self._sampler.indices = [(epoch, i) for i in idx.tolist()]
-        for x, y in _batches(self.loader):
-            x = x.to(self.device, non_blocking=True)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield self._augment(x), y.to(self.device, non_blocking=True)
+            batches = (self.resident(idx[i: i + self.micro]) for i in range(0, len(idx), self.micro))
+        else:
+            self._sampler.indices = [(epoch, i) for i in idx.tolist()]
+            batches = (to_device(x, y, self.device, self.channels_last) for x, y in _batches(self.loader))
+        for x, y in batches:
+            yield self._augment(x), y
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return self.augment(x) if self.augment is not None else x
+
+    def state_dict(self) -> dict:
+        """This rank's augmentation generator (the epoch position is TrainProgress's)."""
+        return {"augment": self.augment.state().cpu()} if self.augment is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.augment is not None and "augment" in state:
+            self.augment.set_state(state["augment"])
 
     def close(self) -> None:
         shutdown(self.loader)
@@ -238,37 +256,29 @@ class EvalBatches:
         self.batch, self.device, self.resident = batch_size, device, resident
         self.num_batches = math.ceil(math.ceil(self.n / env.world_size) / batch_size)
         self.channels_last = channels_last
+        self.resident = ResidentSplit(split, info, device, channels_last) if resident else None
         self.loader = None
-        if resident:
-            self.x = split.images.to(device)  # uint8
-            self.y = split.labels.to(device)
-            self.normalise = Normaliser(info, device, channels_last)
-        else:
+        if not resident:
             sub = torch.utils.data.Subset(_as_dataset(split, info), self.shard)
             self.loader = _loader(sub, batch_size, None, cfg, device, worker_count(cfg.num_workers,
                                   env.local_world_size), 0, list(ignore_signals))
 
     def dummy_input(self) -> torch.Tensor:
         """One sample, for the forward a rank without data still runs to keep FSDP collectives matched."""
-        if self.resident:
-            return self.normalise(self.x[:1])
+        if self.resident is not None:
+            return self.resident(torch.zeros(1, dtype=torch.long, device=self.device))[0]
         return self.loader.dataset.dataset[0][0].unsqueeze(0).to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         produced = 0
-        if self.resident:
+        if self.resident is not None:
             idx = torch.tensor(self.shard, dtype=torch.long, device=self.device)
-            for i in range(0, len(idx), self.batch):
-                sel = idx[i: i + self.batch]
-                produced += 1
-                yield self.normalise(self.x[sel]), self.y[sel]
+            batches = (self.resident(idx[i: i + self.batch]) for i in range(0, len(idx), self.batch))
         else:
-            for x, y in _batches(self.loader):
-                produced += 1
-                x = x.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x, y.to(self.device, non_blocking=True)
+            batches = (to_device(x, y, self.device, self.channels_last) for x, y in _batches(self.loader))
+        for batch in batches:
+            produced += 1
+            yield batch
         for _ in range(self.num_batches - produced):
             yield None
 

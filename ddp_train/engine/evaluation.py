@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dist
-from .data import EvalBatches
+from .. import dist
+from ..data import EvalBatches
 
 # A dense C x C confusion matrix costs 8 C^2 bytes on every rank (21k classes: 3.5 GB); above this many
 # classes only the per-class correct/total counts are kept (per-class accuracy still works).

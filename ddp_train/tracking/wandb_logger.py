@@ -5,7 +5,6 @@ same W&B run, and steps are the engine's global step (offline resume does not kn
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -13,9 +12,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import dist
-from .config import Config
-from .dist import DistEnv
+from .. import env as envvars
+from ..config import Config
+from ..env import DistEnv
 from .loggers import Logger
 
 log = logging.getLogger("ddp_train")
@@ -23,9 +22,9 @@ ID_FILE = "wandb_id.txt"
 
 
 def api_key_configured() -> bool:
-    if dist.getenv("WANDB_API_KEY"):
+    if envvars.getenv("WANDB_API_KEY"):
         return True
-    netrc = Path(dist.getenv("NETRC") or Path.home() / ".netrc")
+    netrc = Path(envvars.getenv("NETRC") or Path.home() / ".netrc")
     try:
         return "api.wandb.ai" in netrc.read_text()
     except OSError:
@@ -33,7 +32,7 @@ def api_key_configured() -> bool:
 
 
 def resolve_mode(configured: str) -> str:
-    env_mode = (dist.getenv("WANDB_MODE") or "").strip().lower()
+    env_mode = (envvars.getenv("WANDB_MODE") or "").strip().lower()
     if env_mode in ("online", "offline", "disabled"):
         return env_mode
     if env_mode == "dryrun":
@@ -65,19 +64,19 @@ def prepare_dirs(run_dir: Path) -> Path:
         log.warning("W&B: %s is not writable (%s); W&B files go to the system temp dir", wandb_dir, e.strerror)
         return Path(tempfile.gettempdir())
     for key, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
-        os.environ[key] = str(wandb_dir / sub) if sub else str(run_dir)  # WANDB_DIR gets /wandb appended
+        envvars.setenv(key, str(wandb_dir / sub) if sub else str(run_dir))  # WANDB_DIR gets /wandb appended
     return wandb_dir
 
 
 class WandbLogger(Logger):
     def __init__(self, cfg: Config, env: DistEnv, run_dir: Path):
-        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")  # else a DNS wait at exit when offline
-        os.environ.setdefault("WANDB_SILENT", "true")
+        envvars.setenv("WANDB_ERROR_REPORTING", "false", overwrite=False)  # else a DNS wait at exit when offline
+        envvars.setenv("WANDB_SILENT", "true", overwrite=False)
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.wcfg = cfg.log.wandb
         self.run = None
         self.mode = resolve_mode(self.wcfg.mode)
-        os.environ["WANDB_MODE"] = self.mode  # one source of truth; wandb rejects an empty WANDB_MODE
+        envvars.setenv("WANDB_MODE", self.mode)  # one source of truth; wandb rejects an empty WANDB_MODE
         if self.mode == "disabled":
             return
         prepare_dirs(run_dir)
@@ -110,7 +109,7 @@ class WandbLogger(Logger):
                 log.warning("W&B offline init failed too (%s); continuing without W&B", e2)
 
     def _init(self, mode: str):
-        os.environ["WANDB_MODE"] = mode
+        envvars.setenv("WANDB_MODE", mode)
         w = self.wcfg
         settings = self.wandb.Settings(init_timeout=float(w.init_timeout_s))
         return self.wandb.init(project=w.project, entity=w.entity, group=w.group, job_type=w.job_type,

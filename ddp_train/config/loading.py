@@ -1,157 +1,18 @@
-"""The config schema (nested dataclasses = names, types and defaults), YAML loading, dotted overrides,
-validation. Precedence: command-line overrides > YAML file > dataclass defaults."""
+"""YAML loading, dotted overrides, type checking and validation against the schema (schema.py).
+Precedence: command-line overrides > YAML file > dataclass defaults. Torch-free."""
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
-
-
-@dataclass
-class RunConfig:
-    name: str | None = None  # run directory = <root>/<name>; None -> derived, stable across restarts
-    root: str = "runs"
-    seed: int = 0
-
-
-@dataclass
-class DataConfig:
-    name: str = "mnist_mini"  # mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic
-    root: str = "data"
-    device_resident: bool | Literal["auto"] = "auto"
-    num_workers: int | Literal["auto"] = "auto"  # auto: the CPUs this rank may use, minus one, at most 8
-    pin_memory: bool = True
-    augment: bool = True  # random rotation/translation (+flips where they keep the label), on the device
-    download: bool = True
-    # synthetic only: any shape, classes and size (benchmarks, tests)
-    synthetic_train_size: int = 4096
-    synthetic_test_size: int = 1024
-    synthetic_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
-    synthetic_classes: int = 10
-    # imagefolder only: <root>/train/<class>/*.png|jpg and <root>/val/<class>/...
-    image_size: int = 224  # RandomResizedCrop (train) / CenterCrop (eval) size
-    resize_size: int | None = None  # eval Resize before the crop; None = image_size * 256 / 224
-    skip_corrupt: bool = False  # false: an unreadable image stops the run, naming the file
-
-
-@dataclass
-class ModelConfig:
-    name: str = "cnn_dropout"  # mlp | cnn | cnn_dropout (+ torchvision models)
-    dropout: float = 0.5  # cnn_dropout, efficientnet_*
-    pretrained: str | None = None  # local state_dict file for torchvision models
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1.0e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-
-
-@dataclass
-class SchedConfig:
-    name: Literal["constant", "step", "cosine", "onecycle"] = "cosine"
-    warmup_steps: int = 0
-    step_size_epochs: int = 1  # step: decay every N epochs
-    gamma: float = 0.7  # step: multiply the LR by gamma
-    min_lr_ratio: float = 0.0  # cosine: final LR = lr * min_lr_ratio
-    pct_start: float = 0.3  # onecycle: fraction of steps spent increasing the LR
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 12
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
-    global_batch_size: int = 64
-    grad_accum_steps: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float | None = None
-    label_smoothing: float = 0.0
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = False
-    channels_last: bool = False
-    log_every_steps: int = 10
-    eval_every_epochs: int = 1
-    eval_batch_size: int = 1000
-    deterministic: bool = False
-    cudnn_benchmark: bool = True  # autotune conv kernels (CUDA); off when train.deterministic=true
-    tf32: bool = True  # TF32 matmul/conv for fp32 on Ampere+ (set_float32_matmul_precision('high'))
-
-
-@dataclass
-class ParallelConfig:
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: int = 600  # collectives during training: a hung or dead rank ends the job after this
-    # Waits where one rank works alone (rank 0 downloading or scanning data, writing a checkpoint, the
-    # others loading one): bounded by this, not by timeout_s, so a slow first rank times nobody out.
-    init_timeout_s: int = 3600
-    # Seconds torchrun gives workers between its SIGTERM and SIGKILL (its own default is 30 s): ddp-train
-    # passes it to torchrun; with plain torchrun use --shutdown-timeout or TORCH_ELASTIC_SHUTDOWN_TIMEOUT.
-    shutdown_timeout_s: int = 120
-
-
-@dataclass
-class CheckpointConfig:
-    every_steps: int | None = None
-    every_epochs: int | None = 1
-    keep_last: int = 3
-    resume: str = "auto"  # auto | never | PATH
-    # Signals that request a save-and-exit at the next step boundary (exit code 75 = requeue me).
-    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = field(
-        default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
-    # Fault injection: behave as if a preemption signal arrived after this optimizer step (verify_resume).
-    simulate_preempt_at_step: int | None = None
-    # Fault injection: a preemption save takes this many seconds longer (tests of shutdown timeouts).
-    simulate_slow_save_s: float = 0.0
-
-
-@dataclass
-class WandbConfig:
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "ddp_train"
-    entity: str | None = None
-    group: str | None = None
-    job_type: str = "train"
-    tags: list[str] = field(default_factory=list)
-    notes: str | None = None
-    init_timeout_s: int = 30
-    log_checkpoints: bool = False
-
-
-@dataclass
-class LogConfig:
-    progress_bar: bool = True
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass
-class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+from ..errors import ConfigError
+from .schema import Config
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -231,8 +92,8 @@ def all_keys(cls: type = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def describe_keys() -> list[tuple[str, str, Any]]:
-    """(key, type name, default) for every leaf, for --help."""
+def describe_keys() -> list[tuple[str, str, Any, str]]:
+    """(key, type name, default, description) for every leaf, for --help."""
     out = []
 
     def walk(obj: Any, prefix: str) -> None:
@@ -241,7 +102,7 @@ def describe_keys() -> list[tuple[str, str, Any]]:
             if dataclasses.is_dataclass(val):
                 walk(val, f"{prefix}{f.name}.")
             else:
-                out.append((prefix + f.name, _type_name(_hints(type(obj))[f.name]), val))
+                out.append((prefix + f.name, _type_name(_hints(type(obj))[f.name]), val, f.metadata.get("help", "")))
 
     walk(Config(), "")
     return out
@@ -250,11 +111,6 @@ def describe_keys() -> list[tuple[str, str, Any]]:
 # ------------------------------------------------------------------------------------ conversion
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _closest(name: str, candidates: list[str]) -> str:
-    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(candidates)}"
 
 
 def from_dict(cls: type, data: Any, prefix: str) -> Any:

@@ -14,13 +14,15 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 log = logging.getLogger("ddp_train")
 
-FORMAT_VERSION = 1
-STATE_KEYS = {"format", "model", "optimizer", "scheduler", "scaler", "progress", "rng", "wandb_run_id",
-              "config", "extra"}
+# Format 2: the engine's named states at the top level beside these keys, and "per_rank" (a list of each
+# rank's named states). Format 1 (flat scheduler/scaler/progress, rng list, loss windows in extra) is
+# upgraded on reading.
+FORMAT_VERSION = 2
+RESERVED_KEYS = {"format", "model", "optimizer", "config", "extra"}
 _NAME = re.compile(r"^step_(\d{8,})\.pt$")
 
 
@@ -118,10 +120,11 @@ def newest_valid(directory: Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: Path, expected: set[str] | None = None, mmap: bool = False) -> dict[str, Any]:
     """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs.
-    mmap=True pages tensors in only when used; the caller must copy what it keeps (optimizer.load_state_dict
-    keeps CPU tensors as they are), or the file stays mapped after it is pruned."""
+    `expected`: the top-level keys the reader will consume; a key missing or left over is an error naming
+    it (a checkpoint of another layout must not half-load). mmap=True pages tensors in only when used; the
+    caller must copy what it keeps, or the file stays mapped after it is pruned."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
@@ -135,11 +138,33 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a ddp_train checkpoint (top level is {type(state).__name__})")
-    missing, unexpected = STATE_KEYS - state.keys(), state.keys() - STATE_KEYS
+    if state.get("format") == 1:
+        state = _upgrade_from_1(state)
+    expected = expected if expected is not None else RESERVED_KEYS
+    missing = expected - state.keys()
+    unexpected = state.keys() - expected if expected is not RESERVED_KEYS else set()
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match this version's checkpoint layout: "
                               f"missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
     return state
+
+
+def _upgrade_from_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 -> 2: RNG states (with the augmentation generator inside) and loss windows move into
+    per_rank; the W&B id (kept in wandb_id.txt) is dropped; the step is recorded in extra."""
+    extra = dict(state.get("extra") or {})
+    windows = extra.pop("loss_window", None) or []
+    per_rank = []
+    for i, rng in enumerate(state.get("rng") or []):
+        rank = {"rng": {k: v for k, v in rng.items() if k != "augment"}}
+        if "augment" in rng:
+            rank["batches"] = {"augment": rng["augment"]}
+        if i < len(windows):
+            rank["loss_window"] = {"sum": windows[i][0], "steps": windows[i][1]}
+        per_rank.append(rank)
+    extra["step"] = (state.get("progress") or {}).get("step", 0)
+    upgraded = {k: v for k, v in state.items() if k not in ("rng", "wandb_run_id", "extra")}
+    return {**upgraded, "format": FORMAT_VERSION, "per_rank": per_rank, "extra": extra}
 
 
 def prune(directory: Path, keep_last: int) -> None:

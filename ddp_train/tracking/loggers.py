@@ -1,5 +1,5 @@
 """Logger interface: the default does nothing, so the loop never asks `if wandb:`. Rank 0 gets real
-loggers (console lines, metrics.jsonl, W&B); every other rank gets NullLogger."""
+loggers (console lines, metrics.jsonl, W&B); every other rank gets the base Logger, which does nothing."""
 from __future__ import annotations
 
 import json
@@ -21,8 +21,6 @@ class Logger:
     def log_checkpoint(self, path: Path, step: int) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
-
-NullLogger = Logger
 
 
 class MultiLogger(Logger):

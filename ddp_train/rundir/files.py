@@ -45,7 +45,7 @@ def versions() -> dict[str, Any]:
     import torch
     import torchvision
 
-    from . import __version__
+    from .. import __version__
 
     return {"ddp_train": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
@@ -55,7 +55,9 @@ def versions() -> dict[str, Any]:
 
 def data_info(cfg, info) -> dict[str, Any]:
     """The model's input contract: classes, channels, size, normalisation, and the eval resize."""
-    resize = (cfg.resize_size or round(cfg.image_size * 256 / 224)) if cfg.name == "imagefolder" else None
+    from ..data.types import eval_resize
+
+    resize = eval_resize(cfg.image_size, cfg.resize_size) if cfg.name == "imagefolder" else None
     return {"dataset": cfg.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
             "image_size": list(info.image_size), "resize": resize, "mean": list(info.mean),
             "std": list(info.std), "class_names": list(info.class_names)}
@@ -75,7 +77,7 @@ def write_confusion(confusion: torch.Tensor, class_names: list[str], plots_dir: 
         w.writerow(["true\\predicted"] + names)
         for name, row in zip(names, confusion.tolist()):
             w.writerow([name] + row)
-    plt = _pyplot()
+    plt = pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 2)))
     ax.imshow(confusion.numpy(), cmap="Blues")
@@ -100,7 +102,7 @@ def write_curves(run_dir: Path) -> None:
     rows = read_metrics(run_dir)
     plots = Path(run_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax in (("train/loss", ax_loss), ("val/loss", ax_loss), ("val/top1", ax_acc), ("val/top5", ax_acc)):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
@@ -117,7 +119,7 @@ def write_curves(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # headless clusters have no display

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import ParallelConfig, TrainConfig
-from .dist import DistEnv
+from ..config import ParallelConfig, TrainConfig
+from ..env import DistEnv
 
 
 def wrap(model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, env: DistEnv) -> nn.Module:

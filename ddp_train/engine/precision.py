@@ -18,6 +18,12 @@ class Precision:
         # fp16 needs loss scaling; bf16 has fp32's exponent range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=(name == "fp16"))
 
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict()  # the GradScaler's scale and growth tracker (empty unless fp16)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state)
+
     def autocast(self):
         if not self.use_autocast:
             return contextlib.nullcontext()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .dist import DistEnv
+from ..config import TrainConfig
+from ..env import DistEnv
 
 # The repeated units worth their own all-gather: torchvision's residual and MBConv blocks. Models without
 # them (the seed MLP/CNNs) shard each direct child that holds parameters.

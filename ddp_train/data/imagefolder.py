@@ -11,11 +11,11 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .config import DataConfig
-from .errors import DataError
+from ..config import DataConfig
+from ..errors import DataError
+from .types import IMAGENET_STATS, DataInfo, Splits, eval_resize
 
 log = logging.getLogger("ddp_train")
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CORRUPT_HINT = "fix or remove it, or set data.skip_corrupt=true to skip unreadable files"
 
 
@@ -45,7 +45,7 @@ def transforms_for(cfg: DataConfig, mean, std):
     from torchvision import transforms as T
 
     size = cfg.image_size
-    resize = cfg.resize_size or round(size * 256 / 224)
+    resize = eval_resize(size, cfg.resize_size)
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     evaluation = T.Compose([T.Resize(resize), T.CenterCrop(size), *norm])
     train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm]) if cfg.augment else evaluation
@@ -102,8 +102,6 @@ def scan_folders(cfg: DataConfig) -> tuple[list[str], list[tuple[str, int]], lis
 
 
 def open_imagefolder(cfg: DataConfig, scanned):
-    from .datasets import DataInfo, Splits
-
     classes, train, val = scanned
     train_tf, eval_tf, _ = transforms_for(cfg, *IMAGENET_STATS)
     info = DataInfo(len(classes), 3, (cfg.image_size, cfg.image_size), *IMAGENET_STATS, class_names=classes,

@@ -1,55 +1,20 @@
-"""Dataset registry. Each loader returns the train and test splits plus what the model needs to know.
-Small datasets come back as whole uint8 tensors (ImageTensors), so the device-resident path can put
-them on the device once; folder datasets come back as torch Datasets for the DataLoader path."""
+"""Dataset registry: the built-in datasets as Sources (prepare on rank 0, open on every rank), and how a
+job loads one. Small datasets come back as whole uint8 tensors (ImageTensors), so the device-resident
+path can put them on the device once; folder datasets come back as torch Datasets for the DataLoader
+path."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import DataConfig
-from .errors import DataError
-
-MNIST_STATS = ((0.1307,), (0.3081,))
-FASHION_STATS = ((0.2860,), (0.3530,))
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-@dataclass
-class ImageTensors:
-    """A whole split in memory: images uint8 [N, C, H, W], labels int64 [N]."""
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass
-class DataInfo:
-    num_classes: int
-    in_channels: int
-    image_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: list[str] = field(default_factory=list)
-    flips: bool = False  # horizontal flips preserve the label (not for digits)
-
-
-@dataclass
-class Splits:
-    train: ImageTensors | torch.utils.data.Dataset
-    test: ImageTensors | torch.utils.data.Dataset
-    info: DataInfo
-
-    @property
-    def in_memory(self) -> bool:
-        return isinstance(self.train, ImageTensors) and isinstance(self.test, ImageTensors)
-
+from ..config import DataConfig
+from ..errors import DataError, did_you_mean
+from .imagefolder import open_imagefolder, scan_folders
+from .types import CIFAR10_STATS, FASHION_STATS, MNIST_STATS, DataInfo, ImageTensors, Splits
 
 @dataclass(frozen=True)
 class Source:
@@ -75,10 +40,7 @@ def register(name: str, prepare=None, downloads: bool = False):
 
 def source(name: str) -> Source:
     if name not in SOURCES:
-        import difflib
-        close = difflib.get_close_matches(name, list(SOURCES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; choose one of {', '.join(SOURCES)}"
-        raise DataError(f"unknown dataset 'data.name={name}'{hint}")
+        raise DataError(f"unknown dataset 'data.name={name}'" + did_you_mean(name, list(SOURCES)))
     return SOURCES[name]
 
 
@@ -92,7 +54,7 @@ def load_distributed(env, cfg: DataConfig) -> Splits:
     """Every rank of a job: rank 0 prepares alone while the others wait (bounded by
     parallel.init_timeout_s, not by the training timeout), nodes with their own data.root fetch their own
     copy, then every rank opens the data with rank 0's result (a folder is scanned once, not per rank)."""
-    from . import dist
+    from .. import dist
 
     src = source(cfg.name)
     prepared = dist.decide_on_main(env, src.prepare, cfg) if src.prepare else None
@@ -165,29 +127,27 @@ def _idx_split(ds) -> ImageTensors:
     return ImageTensors(ds.data.unsqueeze(1).to(torch.uint8).contiguous(), ds.targets.long())
 
 
-def _fetch_mnist(cfg: DataConfig) -> None:
-    _gunzip_idx(Path(cfg.root) / "MNIST" / "raw")
-    _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}", download=cfg.download)
+def _idx_dataset(name: str, cls_name: str, stats, class_names_from_files: bool, flips: bool) -> None:
+    """Registers an IDX-format torchvision dataset (MNIST and its drop-in replacements)."""
+    expected = f"{cls_name}/raw/{{{MNIST_FILES}}}"
+
+    def fetch(cfg: DataConfig) -> None:
+        _gunzip_idx(Path(cfg.root) / cls_name / "raw")
+        _torchvision(cls_name, cfg, expected, download=cfg.download)
+
+    def open_(cfg: DataConfig, prepared=None) -> Splits:
+        train, test = _torchvision(cls_name, cfg, expected)
+        info = _digits_info(stats)
+        if class_names_from_files:
+            info.class_names = list(train.classes)
+        info.flips = flips
+        return Splits(_idx_split(train), _idx_split(test), info)
+
+    register(name, prepare=fetch, downloads=True)(open_)
 
 
-@register("mnist", prepare=_fetch_mnist, downloads=True)
-def mnist(cfg: DataConfig, prepared=None) -> Splits:
-    train, test = _torchvision("MNIST", cfg, f"MNIST/raw/{{{MNIST_FILES}}}")
-    return Splits(_idx_split(train), _idx_split(test), _digits_info(MNIST_STATS))
-
-
-def _fetch_fashion(cfg: DataConfig) -> None:
-    _gunzip_idx(Path(cfg.root) / "FashionMNIST" / "raw")
-    _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}", download=cfg.download)
-
-
-@register("fashion_mnist", prepare=_fetch_fashion, downloads=True)
-def fashion_mnist(cfg: DataConfig, prepared=None) -> Splits:
-    train, test = _torchvision("FashionMNIST", cfg, f"FashionMNIST/raw/{{{MNIST_FILES}}}")
-    info = _digits_info(FASHION_STATS)
-    info.class_names = list(train.classes)
-    info.flips = True
-    return Splits(_idx_split(train), _idx_split(test), info)
+_idx_dataset("mnist", "MNIST", MNIST_STATS, class_names_from_files=False, flips=False)
+_idx_dataset("fashion_mnist", "FashionMNIST", FASHION_STATS, class_names_from_files=True, flips=True)
 
 
 CIFAR_FILES = "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)"
@@ -228,14 +188,4 @@ def synthetic(cfg: DataConfig, prepared=None) -> Splits:
 
 
 # ---------------------------------------------------------------------------------- imagefolder
-def _scan_imagefolder(cfg: DataConfig):
-    from .imagefolder import scan_folders
-
-    return scan_folders(cfg)
-
-
-@register("imagefolder", prepare=_scan_imagefolder)
-def imagefolder(cfg: DataConfig, prepared) -> Splits:
-    from .imagefolder import open_imagefolder
-
-    return open_imagefolder(cfg, prepared)
+register("imagefolder", prepare=scan_folders)(open_imagefolder)

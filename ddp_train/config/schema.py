@@ -1,0 +1,157 @@
+"""The config schema: nested dataclasses are the names, types, defaults and, beside each field, its
+one-line description (printed by `python -m ddp_train --help`). Torch-free: launchers import it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+def opt(default: Any, help: str) -> Any:
+    """A field with its description; mutable defaults (lists) are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str | None = opt(None, "run directory name under run.root; null: <config>-<launch time or SLURM job "
+                                 "id>, kept across restarts and requeues")
+    root: str = opt("runs", "directory that holds the run directories")
+    seed: int = opt(0, "drives model init, data order and per-sample augmentation (dropout adds the rank)")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("mnist_mini", "mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic")
+    root: str = opt("data", "where the dataset's files are (downloaded to, for torchvision datasets)")
+    device_resident: bool | Literal["auto"] = opt("auto", "keep the whole split on the device as uint8 "
+                                                          "(auto: when it fits)")
+    num_workers: int | Literal["auto"] = opt("auto", "DataLoader worker processes per rank; auto: the rank's "
+                                                     "share of the CPUs minus one, 1..8")
+    pin_memory: bool = opt(True, "pinned host memory for batches copied to a GPU")
+    augment: bool = opt(True, "random rotation/translation (+flips where they keep the label), on the device; "
+                              "random crops + flips for image folders")
+    download: bool = opt(True, "let rank 0 download torchvision datasets that are missing")
+    synthetic_train_size: int = opt(4096, "synthetic: training samples")
+    synthetic_test_size: int = opt(1024, "synthetic: test samples")
+    synthetic_shape: list[int] = opt([1, 28, 28], "synthetic: [channels, height, width]")
+    synthetic_classes: int = opt(10, "synthetic: number of classes")
+    image_size: int = opt(224, "imagefolder: RandomResizedCrop (train) / CenterCrop (eval) size")
+    resize_size: int | None = opt(None, "imagefolder: eval Resize before the crop; null: image_size * 256 / 224")
+    skip_corrupt: bool = opt(False, "imagefolder: skip and count unreadable images instead of stopping")
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("cnn_dropout", "mlp | cnn | cnn_dropout | resnet18/34/50 | efficientnet_b0..b3")
+    dropout: float = opt(0.5, "dropout probability (cnn_dropout, efficientnet_*)")
+    pretrained: str | None = opt(None, "local state_dict file to start from (never downloaded)")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = opt("adam", "the optimizer; built after the model is wrapped")
+    lr: float = opt(1.0e-3, "base learning rate")
+    weight_decay: float = opt(0.0, "weight decay on weights (not biases or norm scales)")
+    momentum: float = opt(0.9, "momentum of sgd")
+    nesterov: bool = opt(False, "sgd Nesterov momentum")
+    betas: list[float] = opt([0.9, 0.999], "the betas of adam and adamw")
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "step", "cosine", "onecycle"] = opt("cosine", "learning-rate schedule, per step")
+    warmup_steps: int = opt(0, "linear warmup steps (constant, step, cosine)")
+    step_size_epochs: int = opt(1, "step: decay every this many epochs")
+    gamma: float = opt(0.7, "step: multiply the LR by this at each decay")
+    min_lr_ratio: float = opt(0.0, "cosine: final LR = lr * min_lr_ratio")
+    pct_start: float = opt(0.3, "onecycle: fraction of steps spent increasing the LR")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(12, "passes over the training split")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)")
+    global_batch_size: int = opt(64, "samples per optimizer step, over all ranks and accumulation steps")
+    grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "compute precision (autocast; GradScaler for fp16)")
+    grad_clip: float | None = opt(None, "clip the global gradient norm to this (after unscaling)")
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = opt(False, "torch.compile the wrapped model, in this mode")
+    channels_last: bool = opt(False, "channels_last memory format for model and batches")
+    log_every_steps: int = opt(10, "log the mean training loss every this many steps")
+    eval_every_epochs: int = opt(1, "evaluate on the test split every this many epochs (and at the end)")
+    eval_batch_size: int = opt(1000, "per-rank evaluation batch size")
+    deterministic: bool = opt(False, "deterministic algorithms; turns cudnn_benchmark and tf32 off")
+    cudnn_benchmark: bool = opt(True, "autotune convolution kernels (CUDA)")
+    tf32: bool = opt(True, "TF32 matmuls/convolutions for fp32 on Ampere and newer")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["ddp", "fsdp"] = opt("ddp", "DistributedDataParallel or FSDP2 (fully_shard)")
+    backend: Literal["auto", "nccl", "gloo"] = opt("auto", "process-group backend; auto: nccl on GPUs, gloo on CPU")
+    timeout_s: int = opt(600, "collective timeout once training is warm: a hung or dead rank ends the job")
+    init_timeout_s: int = opt(3600, "timeout while one rank works alone (data preparation, checkpoint writes) "
+                                    "and before the first steps")
+    shutdown_timeout_s: int = opt(120, "seconds torchrun gives workers between SIGTERM and SIGKILL (passed by "
+                                       "ddp-train; plain torchrun: --shutdown-timeout)")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = opt(None, "save every this many optimizer steps")
+    every_epochs: int | None = opt(1, "save every this many epochs")
+    keep_last: int = opt(3, "keep this many newest checkpoints")
+    resume: str = opt("auto", "auto: the newest intact checkpoint of the run directory | never | PATH")
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = opt(
+        ["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that request a save-and-exit (code 75) at the next step")
+    simulate_preempt_at_step: int | None = opt(None, "fault injection: act as if preempted after this step")
+    simulate_slow_save_s: float = opt(0.0, "fault injection: a preemption save takes this much longer")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = opt("auto", "auto: online with an API key, else "
+                                                                          "offline")
+    project: str = opt("ddp_train", "the W&B project")
+    entity: str | None = opt(None, "W&B entity (team or user)")
+    group: str | None = opt(None, "W&B group (sweeps set one)")
+    job_type: str = opt("train", "W&B job type")
+    tags: list[str] = opt([], "tags of the W&B run")
+    notes: str | None = opt(None, "notes of the W&B run")
+    init_timeout_s: int = opt(30, "give up on an online init after this and log offline")
+    log_checkpoints: bool = opt(False, "log each checkpoint as an artifact (a reference, not a copy)")
+
+
+@dataclass
+class LogConfig:
+    progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases, from rank 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = section(RunConfig, "run directory and seed")
+    data: DataConfig = section(DataConfig, "dataset and input pipeline")
+    model: ModelConfig = section(ModelConfig, "model")
+    optim: OptimConfig = section(OptimConfig, "optimizer")
+    sched: SchedConfig = section(SchedConfig, "learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "training loop")
+    parallel: ParallelConfig = section(ParallelConfig, "distribution")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints, resume and preemption")
+    log: LogConfig = section(LogConfig, "console and tracking")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,49 @@
+"""Preemption: signals only set a flag; at each step boundary every rank asks `due(step)`, which agrees on
+the flag across ranks (an all-reduce on the CPU group, read one step late so its round trip overlaps the
+next step), and the ranks then save together and exit with PREEMPTED_EXIT. A simulated preemption at a
+given step (verify_resume, tests) lives here too: every rank knows the step, so it needs no vote."""
+from __future__ import annotations
+
+import signal
+import threading
+
+from .. import dist
+
+
+class Preemption:
+    def __init__(self, signal_names: list[str], simulate_at_step: int | None = None):
+        self.requested = False
+        self.signal_name: str | None = None
+        self.simulate_at_step = simulate_at_step
+        self._vote: dist.LaggedAnyRank | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in signal_names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        # Nothing else here: no collective, no file write, no logging (not async-signal-safe).
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def due(self, step: int) -> bool:
+        """Collective: every rank calls it after every optimizer step; True on all ranks alike."""
+        if step == self.simulate_at_step:
+            self.requested, self.signal_name = True, "simulated"
+            self.settle()
+            return True
+        if self._vote is None:
+            self._vote = dist.LaggedAnyRank()
+        return self._vote.poll(self.requested)
+
+    def settle(self) -> None:
+        """Waits for the vote in flight: call before other collectives follow, or the loop ends."""
+        if self._vote is not None:
+            self._vote.drain()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,96 @@
+"""The engine's stateful pieces, each owning its state through state_dict()/load_state_dict(), so the
+checkpoint manager is handed a mapping of them and never reads the trainer: where training is
+(TrainProgress), this rank's loss window (LossWindow) and this rank's random generators (RNGState)."""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainProgress:
+    """Optimizer steps done, the current epoch (0-based), and the steps done inside it: where a resumed
+    run continues (the data order of an epoch is a function of its number, so this is the position)."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    def stepped(self) -> None:
+        self.step += 1
+        self.step_in_epoch += 1
+
+    def epoch_done(self, steps_per_epoch: int) -> bool:
+        return self.step_in_epoch >= steps_per_epoch
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class LossWindow:
+    """This rank's summed loss over the steps since the last log, on the device (no host sync per step).
+    Checkpoints carry it per rank, so the first loss logged after a resume averages the same steps as an
+    uninterrupted run's. `untimed` counts restored steps, which the throughput of the window must skip."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.untimed = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.sum.zero_()
+        self.steps = self.untimed = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sum": self.sum.item(), "steps": self.steps}  # a sync, but only when saving
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sum.fill_(float(state["sum"]))
+        self.steps = self.untimed = int(state["steps"])
+
+
+class RNGState:
+    """This process's global generators: torch (CPU, and CUDA on a GPU), numpy, Python's random."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        _, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(_tuples(state["python"]))
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

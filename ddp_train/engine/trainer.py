@@ -1,0 +1,179 @@
+"""The step loop. train_step() is one optimizer step over one global batch (micro-batches, gradient sync on
+the last one, clip, step); fit() repeats it and logs, evaluates and checkpoints when due. Losses stay on
+the device between log steps, so there is no host-device sync per step."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+from ..config import Config
+from ..data import EvalBatches, TrainBatches
+from ..env import DistEnv
+from ..tracking.loggers import Logger, Progress
+from .checkpointing import CheckpointManager
+from .evaluation import evaluate
+from .parallel import grad_sync
+from .precision import Precision
+from .preempt import Preemption
+from .state import LossWindow, TrainProgress
+
+log = logging.getLogger("ddp_train")
+WARM_STEPS = 2  # start-up, resume and the first (compiling) step run under parallel.init_timeout_s
+
+
+class Preempted(Exception):
+    """Raised after the agreed preemption save; run.py turns it into PREEMPTED_EXIT."""
+
+
+class Trainer:
+    def __init__(self, *, cfg: Config, env: DistEnv, model: nn.Module, wrapped: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler, precision: Precision, train: TrainBatches,
+                 evals: EvalBatches, num_classes: int, total_steps: int, progress: TrainProgress,
+                 window: LossWindow, logger: Logger, checkpointer: CheckpointManager, preemption: Preemption):
+        self.cfg, self.env, self.device = cfg, env, env.device
+        self.model, self.wrapped = model, wrapped  # `model` is unwrapped: state_dicts and evaluation
+        self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
+        self.train, self.evals, self.num_classes, self.total_steps = train, evals, num_classes, total_steps
+        self.progress, self.window = progress, window
+        self.logger, self.checkpointer, self.preemption = logger, checkpointer, preemption
+        self.history: list[dict] = []  # eval results, for the summary
+        self.train_time = 0.0
+        self.data_wait_s = 0.0  # host time spent waiting for the next batch: in total, and this log window
+        self._window_wait_s = 0.0
+        self._fit_start: float | None = None
+        self._first_step = 0
+
+    # ---------------------------------------------------------------------------------------- step
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over one global batch; returns this rank's loss, still on the device."""
+        accum = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with grad_sync(self.wrapped, i == accum - 1), self.precision.autocast():
+                logits = self.wrapped(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+                self.precision.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        scaler = self.precision.scaler
+        if self.cfg.train.grad_clip is not None:
+            scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.train.grad_clip)
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_sum
+
+    # ----------------------------------------------------------------------------------------- fit
+    def fit(self) -> dict:
+        p, t = self.progress, self.cfg.train
+        bar = Progress(self.cfg.log.progress_bar and self.env.is_main, self.total_steps, initial=p.step)
+        batches = self._global_batches()
+        self._fit_start = window_start = time.perf_counter()
+        self._first_step = p.step
+        self.wrapped.train()
+        try:
+            if p.epoch_done(self.train.steps_per_epoch) and p.step < self.total_steps:
+                self._end_epoch()  # resumed from the last step of an epoch, before its evaluation
+            while p.step < self.total_steps:
+                loss = self.train_step(self._next(batches))
+                p.stepped()
+                self.window.add(loss)
+                bar.update(1)
+                if p.step == self._first_step + WARM_STEPS:
+                    dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
+                if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
+                    self._log_train(time.perf_counter() - window_start)
+                    window_start = time.perf_counter()
+                if self.preemption.due(p.step):  # a signal on any rank, one step late; or simulated
+                    self._preempt()
+                if p.step >= self.total_steps:
+                    break
+                if self.checkpointer.due_step(p.step):
+                    self._save("step")
+                if p.epoch_done(self.train.steps_per_epoch):
+                    self._end_epoch()
+        finally:
+            self.preemption.settle()  # no vote left in flight when the loop ends, however it ends
+            bar.close()
+            self.train_time += time.perf_counter() - self._fit_start
+            self._fit_start = None
+        if p.epoch_done(self.train.steps_per_epoch):
+            p.next_epoch()  # the last step closed an epoch: the final evaluation covers it
+        final = self.run_eval()
+        self._save("final")
+        return final
+
+    def _global_batches(self):
+        """Endless: the micro-batches of the next optimizer step, epoch after epoch, from where the progress
+        says (the epoch's order is a function of its number: an exact mid-epoch resume)."""
+        accum = self.cfg.train.grad_accum_steps
+        while True:
+            micro = []
+            for batch in self.train.epoch(self.progress.epoch, start_step=self.progress.step_in_epoch):
+                micro.append(batch)
+                if len(micro) == accum:
+                    yield micro
+                    micro = []
+
+    def _next(self, batches) -> list:
+        start = time.perf_counter()
+        micro = next(batches)
+        waited = time.perf_counter() - start
+        self.data_wait_s += waited
+        self._window_wait_s += waited
+        return micro
+
+    def _end_epoch(self) -> None:
+        self.progress.next_epoch()
+        if self.progress.epoch % self.cfg.train.eval_every_epochs == 0:
+            self.run_eval()
+        if self.checkpointer.due_epoch(self.progress.epoch):
+            self._save("epoch")
+
+    def _save(self, reason: str) -> None:
+        self.checkpointer.save(self.progress.step, reason, self.step_time_s())
+
+    def _log_train(self, seconds: float) -> None:
+        # The one host-device sync: every log interval. Mean of the global-batch losses = same number
+        # at any world size.
+        w = self.window
+        timed = w.steps - w.untimed  # steps restored from a checkpoint were not timed in this process
+        mean = dist.all_reduce_sum(w.sum.detach().clone()).item() / (w.steps * self.env.world_size)
+        metrics = {"epoch": self.progress.epoch, "train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/samples_per_s": timed * self.cfg.train.global_batch_size / max(seconds, 1e-9),
+                   "train/step_time_s": seconds / max(timed, 1),
+                   "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))}
+        self._window_wait_s = 0.0
+        if self.device.type == "cuda":
+            metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.logger.log_metrics(metrics, self.progress.step)
+        w.reset()
+
+    def run_eval(self) -> dict:
+        dist.broadcast_buffers(self.model)  # evaluate the model the checkpoint holds, on every rank
+        dummy = self.evals.dummy_input() if self.cfg.parallel.strategy == "fsdp" else None
+        result = evaluate(self.model, self.evals, self.num_classes, self.device, self.precision.autocast, dummy)
+        metrics = {"epoch": self.progress.epoch, "val/loss": result["loss"], "val/top1": result["top1"],
+                   "val/top5": result["top5"], "val/count": result["count"]}
+        self.logger.log_metrics(metrics, self.progress.step)
+        self.history.append({"step": self.progress.step, **metrics})
+        return result
+
+    def _preempt(self) -> None:
+        self.preemption.settle()  # the save's collectives go after the in-flight vote, on every rank
+        log.warning("preemption signal (%s) received: saving at step %d and exiting for requeue",
+                    self.preemption.signal_name or "on another rank", self.progress.step)
+        self._save("preempt")
+        raise Preempted()
+
+    def step_time_s(self) -> float:
+        """Mean seconds per optimizer step so far (0 before the first one)."""
+        done = self.progress.step - self._first_step
+        elapsed = self.train_time + (time.perf_counter() - self._fit_start if self._fit_start else 0.0)
+        return elapsed / done if done > 0 else 0.0

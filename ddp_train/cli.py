@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config, micro_batch_size
     from .config.argv import engine_command, split_argv
     from .errors import UserError, report
+    from .usercode import check_paths
 
     cfg = None
     try:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the first node's address)")
             cfg = load_config(config_path, overrides)
             micro_batch_size(cfg, known.nproc_per_node * known.nnodes)
+            check_paths(cfg)
     except UserError as e:
         return report("ddp-train", e)
     if flags:  # --help / --print-config: the engine answers in this process

@@ -129,6 +129,16 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             dist.broadcast(buf.data, src=0)
 
 
+def broadcast_module(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank: for a module each rank built itself (the Python
+    API's model instances), before FSDP shards it or anything else reads it."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one: how ranks agree on stop/preempt. Runs on
     the CPU control group, so it never forces a host-device sync."""

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args, env) -> int:
-    from .data import EvalBatches, ImageTensors, load_distributed, use_device_resident
+    from .data import EvalBatches, load_distributed, use_device_resident
     from .engine.evaluation import evaluate
+    from .engine.loss import CrossEntropy, build_loss
     from .rundir.trained import load_trained
 
     run_dir = Path(args.run_dir)
@@ -49,11 +50,11 @@ def evaluate_run(args, env) -> int:
     model.to(device)
     splits = load_distributed(env, cfg.data)
     split = splits.test if args.split == "val" else splits.train
-    if args.split == "train" and not isinstance(split, ImageTensors):
+    if args.split == "train" and hasattr(split, "transform") and hasattr(splits.test, "transform"):
         split.transform = splits.test.transform  # the evaluation pipeline, not random crops
     resident = use_device_resident(cfg.data, splits, device)
     batches = EvalBatches(split, info, env, cfg.data, args.batch_size or cfg.train.eval_batch_size, device,
-                          resident)
+                          resident, seed=cfg.run.seed)
     rows: list[tuple[int, int, int, float]] = []  # (sample index, true, predicted, confidence)
 
     def collect(logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -63,7 +64,9 @@ def evaluate_run(args, env) -> int:
         for j, (t, p_, c) in enumerate(zip(y.tolist(), pred.tolist(), conf.tolist())):
             rows.append((batches.shard[start + j], t, p_, c))
 
-    result = evaluate(model, batches, info.num_classes, device, dummy_input=batches.dummy_input(), on_batch=collect)
+    loss_fn = build_loss(cfg.train, info.num_classes)
+    result = evaluate(model, batches, info.num_classes, device, dummy_input=batches.dummy_input(), on_batch=collect,
+                      loss_fn=None if isinstance(loss_fn, CrossEntropy) else loss_fn)
     batches.close()
     gathered = [r for part in dist.all_gather_object(rows) for r in part]
     if env.is_main:

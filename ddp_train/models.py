@@ -1,5 +1,6 @@
-"""Model registry: the seeds' MLP and CNNs, and torchvision ResNet/EfficientNet adapted to the data's
-channels and classes. Pretrained weights only from a local file (no hub download at run time)."""
+"""Models: the seeds' MLP and CNNs and torchvision ResNet/EfficientNet (a registry), any timm
+architecture (`timm/<name>`), or the user's own factory (`pkg.module:factory`), all sized to the data's
+classes and channels. Pretrained weights only from a local file (no hub download at run time)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from torch import nn
 from .config import ModelConfig
 from .data.types import DataInfo
 from .errors import ConfigError, did_you_mean
+from .usercode import call, is_import_path, resolve
 
 BUILDERS: dict[str, Callable[[ModelConfig, DataInfo], nn.Module]] = {}
 
@@ -23,10 +25,20 @@ def register(*names: str):
     return deco
 
 
-def build_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
-    if cfg.name not in BUILDERS:
-        raise ConfigError(f"unknown model 'model.name={cfg.name}'" + did_you_mean(cfg.name, list(BUILDERS)))
-    model = BUILDERS[cfg.name](cfg, info)
+def build_model(cfg: ModelConfig, info: DataInfo, factory=None) -> nn.Module:
+    """`factory`: a callable the Python API was given instead of model.name."""
+    if factory is not None or is_import_path(cfg.name):
+        model = user_model(cfg, info, factory)
+    elif cfg.name.startswith("timm/"):
+        model = timm_model(cfg, info)
+    elif cfg.name not in BUILDERS:
+        raise ConfigError(f"unknown model 'model.name={cfg.name}'" + did_you_mean(cfg.name, list(BUILDERS))
+                          + " (or timm/<architecture>, or package.module:factory for your own)")
+    elif cfg.kwargs:
+        raise ConfigError(f"model.kwargs={cfg.kwargs} is for timm/ and package.module:factory models; "
+                          f"'{cfg.name}' takes none (its options are model.dropout and model.pretrained)")
+    else:
+        model = BUILDERS[cfg.name](cfg, info)
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     return model
@@ -88,14 +100,60 @@ def efficientnet(cfg: ModelConfig, info: DataInfo) -> nn.Module:
     return model
 
 
+def image_size_arg(info: DataInfo) -> int | tuple[int, int]:
+    h, w = info.image_size
+    return h if h == w else (h, w)
+
+
+def user_model(cfg: ModelConfig, info: DataInfo, factory=None) -> nn.Module:
+    """factory(num_classes=C, in_channels=K, image_size=S, **model.kwargs); S is an int for square images,
+    else (height, width)."""
+    where = cfg.name if factory is None else getattr(factory, "__qualname__", "the model factory")
+    fn = factory if factory is not None else resolve(cfg.name, "model.name")
+    model = call(fn, where, "model.name", num_classes=info.num_classes, in_channels=info.in_channels,
+                 image_size=image_size_arg(info), **cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name={where} returned {type(model).__name__}, not a torch.nn.Module: the factory "
+                          "must return the model")
+    return model
+
+
+def timm_model(cfg: ModelConfig, info: DataInfo) -> nn.Module:
+    """Any timm architecture, with its classifier and stem sized to the data; never downloads weights."""
+    arch = cfg.name.removeprefix("timm/")
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model.name={cfg.name} needs timm: pip install 'ddp_train[timm]' (or pip install timm)") from None
+    if not timm.is_model(arch):
+        close = [n for n in _closest(arch, timm.list_models())]
+        hint = f"; closest: {', '.join('timm/' + n for n in close)}" if close else ""
+        raise ConfigError(f"model.name={cfg.name}: timm has no architecture {arch!r}{hint}")
+    kwargs = dict(cfg.kwargs)
+    return call(timm.create_model, cfg.name, "model.name", model_name=arch, pretrained=False,
+                num_classes=info.num_classes, in_chans=info.in_channels, **kwargs)
+
+
+def _closest(name: str, names: list[str]) -> list[str]:
+    import difflib
+
+    return difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+
+
 def load_pretrained(model: nn.Module, path: str) -> None:
-    """Weights from a local state_dict file; a classifier whose shape differs (other classes) is skipped."""
+    """Weights from a local state_dict (.pt/.pth) or .safetensors file; a classifier whose shape differs
+    (other classes) is skipped."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"model.pretrained: no file at {p}; weights are never downloaded at run time: "
                           "download them once (e.g. torchvision's URL) and give the local path")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"model.pretrained: {p} is not a loadable state_dict ({type(e).__name__})") from None
     state = state.get("model", state) if isinstance(state, dict) else state

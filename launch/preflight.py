@@ -11,6 +11,7 @@ from pathlib import Path
 from ddp_train.config import Config, micro_batch_size
 from ddp_train.errors import UserError
 from ddp_train.rundir.naming import ensure_writable
+from ddp_train.usercode import check_paths
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
 SAVE_MARGIN = 2.0  # the signal delay must cover a step still in flight plus the save, under load
@@ -56,7 +57,8 @@ def check_request(req: Request) -> None:
 
 
 def check_config(cfg: Config, req: Request, label: str = "") -> None:
-    """The engine's own checks, for the world size this request gives."""
+    """The engine's own checks, for the world size this request gives, and the user's modules import."""
+    check_paths(cfg)
     where = f" (sweep element {label})" if label else ""
     try:
         micro_batch_size(cfg, req.world_size)

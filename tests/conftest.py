@@ -115,3 +115,79 @@ def launcher(args: list[str], env: dict[str, str], timeout: float = 120) -> subp
 
 def slurm(cmd: list[str], env: dict[str, str]) -> str:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+# ----------------------------------------------------------------------------------- a user's project
+# Written by the tests into a temp directory (never under ddp_train/): a model factory with kwargs, a
+# dataset factory (map-style, random noise per sample, values in [0, 1]) and a custom loss.
+USER_PROJECT = {
+    "quads/__init__.py": "",
+    "quads/nets.py": '''
+from torch import nn
+
+def small_cnn(num_classes, in_channels, image_size, width=8):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(width * (image_size // 2) ** 2, num_classes))
+
+def raising(num_classes, in_channels, image_size):
+    raise ValueError("width must be even")
+
+def not_a_module(num_classes, in_channels, image_size):
+    return {"weights": 1}
+''',
+    "quads/data.py": '''
+import torch
+from torch.utils.data import Dataset
+
+class Quadrants(Dataset):
+    """A bright 4x4 patch in one of four quadrants of a dark 12x12 image: the quadrant is the class."""
+    classes = ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+    def __init__(self, n, seed, noise):
+        self.labels = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed))
+        self.noise = noise
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        c = int(self.labels[i])
+        image = torch.zeros(1, 12, 12)
+        r, k = (c // 2) * 6 + 1, (c % 2) * 6 + 1
+        image[:, r:r + 4, k:k + 4] = 1.0
+        image = (image + self.noise * torch.randn(1, 12, 12)).clamp(0, 1)  # keyed per sample by ddp_train
+        return image, c
+
+def quadrants(root, n_train=512, n_test=200, noise=0.3):
+    return Quadrants(n_train, 0, noise), Quadrants(n_test, 1, noise)
+
+class Bad(Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return [0.0, 1.0], "label"
+
+def bad_samples(root):
+    return Bad(), Bad()
+''',
+    "quads/losses.py": '''
+import torch.nn.functional as F
+
+def smoothed(logits, targets):
+    return F.cross_entropy(logits, targets, label_smoothing=0.05)
+
+def per_sample(logits, targets):
+    return F.cross_entropy(logits, targets, reduction="none")
+''',
+    "broken.py": "import not_installed_package_xyz\n",
+}
+USER_ARGS = ["model.name=quads.nets:small_cnn", "model.kwargs.width=6", "data.name=quads.data:quadrants",
+             "data.kwargs.n_train=512", "train.loss=quads.losses:smoothed", "optim.lr=0.01", "data.num_workers=1"]
+
+
+def write_user_project(root: Path) -> Path:
+    for rel, text in USER_PROJECT.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.lstrip("\n"))
+    return root

@@ -18,8 +18,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> set[str]:
-    """Every project module `path` imports, at the top or inside a function."""
+def imports(path: Path, modules: set[str] = frozenset()) -> set[str]:
+    """Every project module `path` imports, at the top or inside a function. `from pkg import sub` is an
+    import of pkg.sub (and of pkg only for names that are not submodules)."""
     name, found = module_name(path), set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -30,15 +31,17 @@ def imports(path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
+            subs = {f"{base}.{a.name}" for a in node.names} & modules
+            found |= subs
+            if len(subs) < len(node.names):
+                found.add(base)
     return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
 def test_no_import_cycles():
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
     modules = {module_name(p): p for p in files}
-    graph = {m: {i for i in imports(p) if i in modules and i != m} for m, p in modules.items()}
+    graph = {m: {i for i in imports(p, set(modules)) if i in modules and i != m} for m, p in modules.items()}
     state: dict[str, int] = {}
     cycles = []
 

@@ -2,6 +2,7 @@
 Precedence: command-line overrides > YAML file > dataclass defaults. Torch-free."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -18,9 +19,14 @@ from .schema import Config
 # ----------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `a.b=value` overrides; validated. Raises ConfigError."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(path)
+    return from_mapping(read_yaml(path) if path is not None else {}, overrides)
+
+
+def from_mapping(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """Defaults, then a nested mapping of sections (as YAML gives), then overrides; validated."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections (run:, data:, ...), got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -163,6 +169,12 @@ def coerce(value: Any, t: Any, key: str) -> Any:
         if value in args and not (isinstance(value, bool) and True in args):
             return value
         raise ConfigError(f"'{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+    if origin is dict:  # a free mapping (model.kwargs, data.kwargs): keys are the user's, not the schema's
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping (in YAML, or {key}.name=value), got {value!r}")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -207,6 +219,8 @@ def _type_name(t: Any) -> str:
         return " | ".join(map(str, args))
     if origin is list:
         return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return "mapping"
     return "null" if t is type(None) else getattr(t, "__name__", str(t))
 
 
@@ -225,6 +239,11 @@ def validate(cfg: Config) -> None:
     _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1", t.grad_accum_steps)
     _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 or null", t.grad_clip)
     _require(0 <= t.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", t.label_smoothing)
+    _require(t.label_smoothing == 0 or t.loss == "cross_entropy", "train.label_smoothing",
+             f"applies to train.loss=cross_entropy only (train.loss={t.loss}: smooth inside your loss)",
+             t.label_smoothing)
+    _require(d.num_classes is None or d.num_classes >= 2, "data.num_classes", "must be >= 2 or null",
+             d.num_classes)
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)
     _require(t.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1", t.eval_every_epochs)
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", t.eval_batch_size)

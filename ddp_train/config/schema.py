@@ -30,7 +30,11 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: str = opt("mnist_mini", "mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic")
+    name: str = opt("mnist_mini", "mnist_mini | mnist | fashion_mnist | cifar10 | imagefolder | synthetic, or "
+                                  "pkg.module:factory, called as factory(root=data.root, **data.kwargs)")
+    kwargs: dict[str, Any] = opt({}, "keyword arguments of a data.name factory (data.kwargs.size=100)")
+    num_classes: int | None = opt(None, "classes of a user dataset; null: len(train.classes), or the largest "
+                                        "label + 1 of train.targets / a scan")
     root: str = opt("data", "where the dataset's files are (downloaded to, for torchvision datasets)")
     device_resident: bool | Literal["auto"] = opt("auto", "keep the whole split on the device as uint8 "
                                                           "(auto: when it fits)")
@@ -51,9 +55,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("cnn_dropout", "mlp | cnn | cnn_dropout | resnet18/34/50 | efficientnet_b0..b3")
+    name: str = opt("cnn_dropout", "mlp | cnn | cnn_dropout | resnet18/34/50 | efficientnet_b0..b3 | "
+                                   "timm/<architecture> | pkg.module:factory (num_classes, in_channels, "
+                                   "image_size, **model.kwargs)")
+    kwargs: dict[str, Any] = opt({}, "keyword arguments of the model factory or timm model (model.kwargs.depth=4)")
     dropout: float = opt(0.5, "dropout probability (cnn_dropout, efficientnet_*)")
-    pretrained: str | None = opt(None, "local state_dict file to start from (never downloaded)")
+    pretrained: str | None = opt(None, "local weights to start from: a state_dict or .safetensors file (never "
+                                       "downloaded)")
 
 
 @dataclass
@@ -84,6 +92,7 @@ class TrainConfig:
     grad_accum_steps: int = opt(1, "micro-batches per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "compute precision (autocast; GradScaler for fp16)")
     grad_clip: float | None = opt(None, "clip the global gradient norm to this (after unscaling)")
+    loss: str = opt("cross_entropy", "cross_entropy, or pkg.module:fn called as fn(logits, targets) -> scalar")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = opt(False, "torch.compile the wrapped model, in this mode")
     channels_last: bool = opt(False, "channels_last memory format for model and batches")

@@ -204,10 +204,10 @@ class TrainBatches:
             raise ConfigError(f"train.global_batch_size={micro_batch * accum * env.world_size} is larger "
                               f"than the training split ({self.n} samples): lower train.global_batch_size")
         self.resident = ResidentSplit(split, info, device, channels_last) if resident else None
-        self.loader = None
+        self.loader, self.workers = None, 0
         if not resident:
             self._sampler = _ListSampler()
-            workers = worker_count(cfg.num_workers, env.local_world_size)
+            self.workers = workers = worker_count(cfg.num_workers, env.local_world_size)
             self.loader = _loader(SampleKeyed(_as_dataset(split, info), seed), micro_batch, self._sampler, cfg,
                                   device, workers, seed * 1_000_003 + env.rank, list(ignore_signals))
         self.channels_last = channels_last
@@ -246,11 +246,15 @@ class TrainBatches:
 
 class EvalBatches:
     """This rank's share of the test split (rank::world, no padding) in equally many batches on every
-    rank; a rank whose share ran out yields None, so collectives inside forward (FSDP) stay matched."""
+    rank; a rank whose share ran out yields None, so collectives inside forward (FSDP) stay matched. A
+    dataset that draws random numbers for its samples draws the same ones at every evaluation, in
+    training and in the evaluate tool alike (keyed by seed and sample index)."""
+
+    EVAL_EPOCH = -1  # the key's epoch part for evaluation: never a training epoch
 
     def __init__(self, split, info: DataInfo, env: DistEnv, cfg: DataConfig, batch_size: int,
                  device: torch.device, resident: bool, channels_last: bool = False,
-                 ignore_signals: list[str] = ()):
+                 ignore_signals: list[str] = (), seed: int = 0):
         self.n = len(split)
         self.shard = list(range(env.rank, self.n, env.world_size))
         self.batch, self.device, self.resident = batch_size, device, resident
@@ -259,7 +263,8 @@ class EvalBatches:
         self.resident = ResidentSplit(split, info, device, channels_last) if resident else None
         self.loader = None
         if not resident:
-            sub = torch.utils.data.Subset(_as_dataset(split, info), self.shard)
+            keyed = SampleKeyed(_as_dataset(split, info), seed)
+            sub = torch.utils.data.Subset(keyed, [(self.EVAL_EPOCH, i) for i in self.shard])
             self.loader = _loader(sub, batch_size, None, cfg, device, worker_count(cfg.num_workers,
                                   env.local_world_size), 0, list(ignore_signals))
 
@@ -267,7 +272,7 @@ class EvalBatches:
         """One sample, for the forward a rank without data still runs to keep FSDP collectives matched."""
         if self.resident is not None:
             return self.resident(torch.zeros(1, dtype=torch.long, device=self.device))[0]
-        return self.loader.dataset.dataset[0][0].unsqueeze(0).to(self.device)
+        return self.loader.dataset[0][0].unsqueeze(0).to(self.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
         produced = 0

@@ -5,7 +5,6 @@ path."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,9 @@ import torch
 
 from ..config import DataConfig
 from ..errors import DataError, did_you_mean
+from ..usercode import is_import_path
 from .imagefolder import open_imagefolder, scan_folders
-from .types import CIFAR10_STATS, FASHION_STATS, MNIST_STATS, DataInfo, ImageTensors, Splits
-
-@dataclass(frozen=True)
-class Source:
-    """How a dataset comes into a job. `prepare` runs on global rank 0 alone (download, folder scan) and
-    returns a picklable result every rank receives; `open` runs on every rank with it (reads files, builds
-    transforms). `downloads`: prepare fetches files, so each other node's local rank 0 repeats it after rank
-    0 (a no-op where rank 0's files are visible; a node-local data.root gets its own copy, never two
-    downloads into one directory at once)."""
-    open: Callable[[DataConfig, Any], Splits]
-    prepare: Callable[[DataConfig], Any] | None = None
-    downloads: bool = False
-
+from .types import CIFAR10_STATS, FASHION_STATS, MNIST_STATS, DataInfo, ImageTensors, Source, Splits
 
 SOURCES: dict[str, Source] = {}
 
@@ -39,24 +27,29 @@ def register(name: str, prepare=None, downloads: bool = False):
 
 
 def source(name: str) -> Source:
+    if is_import_path(name):
+        from .user import user_source
+
+        return user_source(name)
     if name not in SOURCES:
-        raise DataError(f"unknown dataset 'data.name={name}'" + did_you_mean(name, list(SOURCES)))
+        raise DataError(f"unknown dataset 'data.name={name}'" + did_you_mean(name, list(SOURCES))
+                        + " (or package.module:factory for your own)")
     return SOURCES[name]
 
 
-def load(cfg: DataConfig) -> Splits:
+def load(cfg: DataConfig, src: Source | None = None) -> Splits:
     """One process: prepare and open."""
-    src = source(cfg.name)
+    src = src or source(cfg.name)
     return src.open(cfg, src.prepare(cfg) if src.prepare else None)
 
 
-def load_distributed(env, cfg: DataConfig) -> Splits:
+def load_distributed(env, cfg: DataConfig, src: Source | None = None) -> Splits:
     """Every rank of a job: rank 0 prepares alone while the others wait (bounded by
     parallel.init_timeout_s, not by the training timeout), nodes with their own data.root fetch their own
     copy, then every rank opens the data with rank 0's result (a folder is scanned once, not per rank)."""
     from .. import dist
 
-    src = source(cfg.name)
+    src = src or source(cfg.name)
     prepared = dist.decide_on_main(env, src.prepare, cfg) if src.prepare else None
     if src.downloads and env.world_size > env.local_world_size:  # several nodes
         first_on_other_node = env.local_rank == 0 and not env.is_main

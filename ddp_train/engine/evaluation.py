@@ -16,12 +16,14 @@ MAX_CONFUSION_CLASSES = 1000
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: EvalBatches, num_classes: int, device: torch.device,
-             autocast=None, dummy_input: torch.Tensor | None = None, on_batch=None) -> dict:
+             autocast=None, dummy_input: torch.Tensor | None = None, on_batch=None, loss_fn=None) -> dict:
     """Returns loss, top1, top5 (fractions), count, the confusion matrix [true, predicted] (None above
     MAX_CONFUSION_CLASSES) and per-class (correct, total). `model` should be the module without DDP (its
     forward may run a collective); an FSDP module is fine because every rank runs the same number of
-    forwards (`None` batches run on a dummy). Everything accumulates on the device without a host sync
-    (scatter_add, not bincount, which syncs to size its output); two all-reduces at the end."""
+    forwards (`None` batches run on a dummy). `loss_fn`: a user loss (a batch mean), summed weighted by
+    the batch size; the default is plain cross-entropy, summed exactly. Everything accumulates on the
+    device without a host sync (scatter_add, not bincount, which syncs to size its output); two
+    all-reduces at the end."""
     was_training = model.training
     model.eval()
     k5 = min(5, num_classes)
@@ -44,7 +46,10 @@ def evaluate(model: nn.Module, batches: EvalBatches, num_classes: int, device: t
         logits = logits.float()
         if on_batch is not None:  # e.g. evaluate's per-sample predictions
             on_batch(logits, y)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        if loss_fn is None:
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        else:
+            loss_sum += loss_fn(logits, y).double() * len(y)
         topk = logits.topk(k5, dim=1).indices
         hit = topk == y.unsqueeze(1)
         counts[0] += hit[:, 0].sum()

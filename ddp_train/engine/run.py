@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,14 +15,17 @@ import torch
 from .. import dist
 from ..config import Config, micro_batch_size, total_steps
 from ..data import EvalBatches, TrainBatches, load_distributed, use_device_resident
-from ..env import DistEnv, from_env
+from ..data.user import object_source, user_source
+from ..env import DistEnv, cpus_available, from_env, getenv
 from ..errors import PREEMPTED_EXIT
 from ..models import build_model
 from ..rundir import files
 from ..rundir.naming import resolve_run_dir
 from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, setup_logging
 from ..tracking.sysinfo import peak_memory
+from ..usercode import is_import_path, source_dir
 from .checkpointing import CheckpointManager
+from .loss import build_loss
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision, configure_backends
@@ -49,9 +54,57 @@ def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> Logger:
     return MultiLogger(loggers)
 
 
-def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
+@dataclass
+class Components:
+    """What the Python API was given instead of import paths: a model factory or module, the datasets
+    (train, test) or their factory, a loss function."""
+    model: Any = None
+    data: Any = None
+    loss: Any = None
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    run_dir: Path | None
+
+
+def run(cfg: Config, config_path: str | None = None, on_preempted=None, components: Components | None = None) -> int:
     """Trains `cfg` on this process's rank. Returns 0, or PREEMPTED_EXIT after the agreed preemption save
     (then `on_preempted`, if given, runs on global rank 0 before any rank returns)."""
+    return execute(cfg, config_path, on_preempted, components).exit_code
+
+
+def data_source(cfg: Config, given: Any):
+    if given is None:
+        return None
+    if callable(given) and not isinstance(given, (tuple, list)):
+        return user_source(cfg.data.name, factory=given)
+    return object_source(*given)
+
+
+def model_factory(given: Any):
+    """A module instance becomes a factory returning it (the engine then copies rank 0's weights to
+    every rank, since each rank built its own instance)."""
+    if given is None or not isinstance(given, torch.nn.Module):
+        return given, False
+    return (lambda **_: given), True
+
+
+def intra_op_threads(env: DistEnv, workers: int) -> int:
+    """Unless OMP_NUM_THREADS says otherwise: the rank's share of the CPUs, less its DataLoader workers.
+    torch's default (every core) oversubscribes them, and OpenMP threads that spin while a worker holds
+    their core ran one process with one worker 8x slower on 2 cores (187 vs 1629 samples/s)."""
+    if getenv("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, cpus_available() // max(1, env.local_world_size) - workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
+            components: Components | None = None) -> Outcome:
+    given = components or Components()
     started = time.time()
     env = from_env()
     micro = micro_batch_size(cfg, env.world_size)  # a user error before any collective or data work
@@ -60,6 +113,7 @@ def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
     logger: Logger = Logger()
     preemption = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.simulate_preempt_at_step)
     loaders: list = []
+    run_dir = None
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
         setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
@@ -67,12 +121,19 @@ def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         device = env.device
 
-        splits = load_distributed(env, cfg.data)  # rank 0 downloads/scans, the others wait, then all open
+        # rank 0 downloads/scans, the others wait, then all open
+        splits = load_distributed(env, cfg.data, data_source(cfg, given.data))
         info = splits.info
-        if env.is_main:  # what evaluate/export/predict need to rebuild the model without the dataset
-            files.write_json(run_dir / "data_info.json", files.data_info(cfg.data, info))
         seed_everything(cfg.run.seed)  # identical model init on every rank
-        model = build_model(cfg.model, info).to(device)
+        factory, instance = model_factory(given.model)
+        model = build_model(cfg.model, info, factory).to(device)
+        if instance:
+            dist.broadcast_module(model)
+        loss_fn = build_loss(cfg.train, info.num_classes, given.loss)
+        if env.is_main:  # what evaluate/export/predict need to rebuild the model without the dataset
+            code = [source_dir(p) for p in (cfg.model.name, cfg.data.name, cfg.train.loss) if is_import_path(p)]
+            code = list(dict.fromkeys(c for c in code if c))
+            files.write_json(run_dir / "data_info.json", files.data_info(cfg.data, info, code))
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         wrapped = wrap(model, cfg.parallel, cfg.train, env)
@@ -84,8 +145,9 @@ def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
         train = TrainBatches(splits.train, info, env, cfg.data, micro, cfg.train.grad_accum_steps,
                              cfg.run.seed, device, resident, cfg.train.channels_last, deaf)
         evals = EvalBatches(splits.test, info, env, cfg.data, cfg.train.eval_batch_size, device, resident,
-                            cfg.train.channels_last, deaf)
+                            cfg.train.channels_last, deaf, seed=cfg.run.seed)
         loaders += [train, evals]
+        threads = intra_op_threads(env, 0 if resident else train.workers)
         total = total_steps(cfg, train.steps_per_epoch)
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.optim.lr, total, train.steps_per_epoch)
         # FSDP2 casts through its policy; one process is not sharded, so it keeps autocast like DDP
@@ -102,13 +164,14 @@ def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
         trainer = Trainer(cfg=cfg, env=env, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                           precision=precision, train=train, evals=evals, num_classes=info.num_classes,
                           total_steps=total, progress=progress, window=window, logger=logger,
-                          checkpointer=checkpointer, preemption=preemption)
+                          checkpointer=checkpointer, preemption=preemption, loss_fn=loss_fn)
         log.info("run %s | world %d (%s, %s) | device %s | data %s: %d train / %d test, %s | global batch %d = "
-                 "%d ranks x %d micro x %d accum | %d steps/epoch, %d steps total%s", run_dir, env.world_size,
+                 "%d ranks x %d micro x %d accum | %d steps/epoch, %d steps total | %d threads%s", run_dir,
+                 env.world_size,
                  cfg.parallel.strategy, torch.distributed.get_backend() if env.distributed else "single",
                  device, cfg.data.name, len(splits.train), len(splits.test),
                  "device-resident" if resident else "DataLoader", cfg.train.global_batch_size, env.world_size,
-                 micro, cfg.train.grad_accum_steps, train.steps_per_epoch, total,
+                 micro, cfg.train.grad_accum_steps, train.steps_per_epoch, total, threads,
                  f" | resuming at step {progress.step}" if progress.step else "")
 
         steps_before = progress.step
@@ -127,13 +190,13 @@ def run(cfg: Config, config_path: str | None = None, on_preempted=None) -> int:
             log.info("done: val/top1 %.4f, val/top5 %.4f, val/loss %.4f | %.0f samples/s | %.1f s wall",
                      final["top1"], final["top5"], final["loss"], summary["samples_per_s"], summary["wall_time_s"])
         logger.finish(0)
-        return 0
+        return Outcome(0, run_dir)
     except Preempted:
         logger.finish(PREEMPTED_EXIT)
         if on_preempted is not None and env.is_main:
             on_preempted()  # e.g. `scontrol requeue`: before any rank exits (KillOnBadExit kills the rest)
         dist.barrier(patient=True)
-        return PREEMPTED_EXIT
+        return Outcome(PREEMPTED_EXIT, run_dir)
     except BaseException:
         logger.finish(1)
         raise

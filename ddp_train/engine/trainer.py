@@ -7,7 +7,6 @@ import logging
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
@@ -17,6 +16,7 @@ from ..env import DistEnv
 from ..tracking.loggers import Logger, Progress
 from .checkpointing import CheckpointManager
 from .evaluation import evaluate
+from .loss import CrossEntropy, LossFn
 from .parallel import grad_sync
 from .precision import Precision
 from .preempt import Preemption
@@ -34,13 +34,17 @@ class Trainer:
     def __init__(self, *, cfg: Config, env: DistEnv, model: nn.Module, wrapped: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, precision: Precision, train: TrainBatches,
                  evals: EvalBatches, num_classes: int, total_steps: int, progress: TrainProgress,
-                 window: LossWindow, logger: Logger, checkpointer: CheckpointManager, preemption: Preemption):
+                 window: LossWindow, logger: Logger, checkpointer: CheckpointManager, preemption: Preemption,
+                 loss_fn: LossFn):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.model, self.wrapped = model, wrapped  # `model` is unwrapped: state_dicts and evaluation
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
         self.train, self.evals, self.num_classes, self.total_steps = train, evals, num_classes, total_steps
         self.progress, self.window = progress, window
         self.logger, self.checkpointer, self.preemption = logger, checkpointer, preemption
+        self.loss_fn = loss_fn
+        # evaluation reports plain cross-entropy (no label smoothing) unless the loss is the user's own
+        self._eval_loss = None if isinstance(loss_fn, CrossEntropy) else loss_fn
         self.history: list[dict] = []  # eval results, for the summary
         self.train_time = 0.0
         self.data_wait_s = 0.0  # host time spent waiting for the next batch: in total, and this log window
@@ -56,7 +60,7 @@ class Trainer:
         for i, (x, y) in enumerate(micro_batches):
             with grad_sync(self.wrapped, i == accum - 1), self.precision.autocast():
                 logits = self.wrapped(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+                loss = self.loss_fn(logits.float(), y)
                 self.precision.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach() / accum
         scaler = self.precision.scaler
@@ -158,7 +162,8 @@ class Trainer:
     def run_eval(self) -> dict:
         dist.broadcast_buffers(self.model)  # evaluate the model the checkpoint holds, on every rank
         dummy = self.evals.dummy_input() if self.cfg.parallel.strategy == "fsdp" else None
-        result = evaluate(self.model, self.evals, self.num_classes, self.device, self.precision.autocast, dummy)
+        result = evaluate(self.model, self.evals, self.num_classes, self.device, self.precision.autocast, dummy,
+                          loss_fn=self._eval_loss)
         metrics = {"epoch": self.progress.epoch, "val/loss": result["loss"], "val/top1": result["top1"],
                    "val/top5": result["top5"], "val/count": result["count"]}
         self.logger.log_metrics(metrics, self.progress.step)

@@ -42,25 +42,30 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import torchvision
 
-    from .. import __version__
-
+    try:
+        __version__ = version("ddp_train")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        __version__ = None
     return {"ddp_train": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "host": platform.node()}
 
 
-def data_info(cfg, info) -> dict[str, Any]:
-    """The model's input contract: classes, channels, size, normalisation, and the eval resize."""
+def data_info(cfg, info, code_paths: list[str] = ()) -> dict[str, Any]:
+    """The model's input contract: classes, channels, size, normalisation, the eval resize, and where the
+    user's modules were imported from (tools run elsewhere add these to sys.path)."""
     from ..data.types import eval_resize
 
     resize = eval_resize(cfg.image_size, cfg.resize_size) if cfg.name == "imagefolder" else None
     return {"dataset": cfg.name, "num_classes": info.num_classes, "in_channels": info.in_channels,
             "image_size": list(info.image_size), "resize": resize, "mean": list(info.mean),
-            "std": list(info.std), "class_names": list(info.class_names)}
+            "std": list(info.std), "class_names": list(info.class_names), "code_paths": list(code_paths)}
 
 
 def write_json(path: Path, obj: Any) -> None:

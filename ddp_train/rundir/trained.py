@@ -3,6 +3,7 @@ preprocessing of single image files: what evaluate, export and predict share."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,9 @@ def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Co
     if not info_path.is_file():
         raise UserError(f"{info_path} is missing: the run was made by an older ddp_train; train again")
     meta = json.loads(info_path.read_text())
+    for path in meta.get("code_paths", []):  # the user's modules, importable from wherever the tool runs
+        if path not in sys.path:
+            sys.path.append(path)
     info = DataInfo(meta["num_classes"], meta["in_channels"], tuple(meta["image_size"]), tuple(meta["mean"]),
                     tuple(meta["std"]), class_names=meta["class_names"])
     info.resize = meta.get("resize")  # type: ignore[attr-defined]

@@ -161,6 +161,16 @@ class Quadrants(Dataset):
 def quadrants(root, n_train=512, n_test=200, noise=0.3):
     return Quadrants(n_train, 0, noise), Quadrants(n_test, 1, noise)
 
+_slept = []
+
+def slow_quadrants(root, delay=0.0, **kwargs):
+    """Slow the first time in each process: rank 0 preparing alone, then every rank opening."""
+    if not _slept:
+        import time
+        time.sleep(delay)
+        _slept.append(delay)
+    return quadrants(root, **kwargs)
+
 class Bad(Dataset):
     def __len__(self):
         return 4

@@ -85,6 +85,18 @@ def test_verify_resume_is_bitwise_on_user_code(project):
     assert "(bitwise equal: True); losses after step 5 match: True" in proc.stdout
 
 
+def test_a_slow_first_rank_times_nobody_out(tmp_path):
+    """Rank 0 prepares the data alone for 6 s while the others wait, then every rank takes 6 s to open it,
+    with parallel.timeout_s=3: start-up waits are bounded by parallel.init_timeout_s instead (a rank slow
+    before its first step, e.g. compiling, must not time the others out)."""
+    root = write_user_project(tmp_path)
+    proc = check(run_engine([SMOKE, *USER_ARGS, "data.name=quads.data:slow_quadrants", "data.kwargs.delay=6",
+                             "train.max_steps=6", "parallel.timeout_s=3", f"run.root={root / 'runs'}",
+                             "run.name=slow"], nproc=2, cwd=root))
+    assert "done: val/top1" in proc.stdout
+    assert json.loads((root / "runs" / "slow" / "summary.json").read_text())["step"] == 6
+
+
 def test_a_timm_model_trains_on_two_processes_and_exports_to_onnx(tmp_path):
     check(run_engine([SMOKE, "model.name=timm/test_resnet", "data.name=synthetic", "data.synthetic_shape=[3,32,32]",
                       "data.synthetic_test_size=64", "train.max_steps=3", "train.global_batch_size=8",

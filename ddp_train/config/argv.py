@@ -49,11 +49,11 @@ def print_help() -> None:
         print(f"  {key:<{width}}  {default!r:<14} {typ}: {help_text}")
 
 
-def engine_command(args: list[str], nproc_per_node: int = 1, *, nnodes: int = 1, rdzv_endpoint: str | None = None,
+def engine_command(args: list[str], nproc_per_node: int = 1, *, nnodes: int | str = 1, rdzv_endpoint: str | None = None,
                    master_port: int | None = None, max_restarts: int = 0, torchrun_args: list[str] = (),
                    module: str = "ddp_train") -> list[str]:
     """`python -m ddp_train ARGS` for one process, else torchrun over it (standalone on one node unless a
-    rendezvous endpoint or a master port is given)."""
+    rendezvous endpoint or a master port is given). `nnodes` may be a range, "1:2" (elastic)."""
     if nproc_per_node == 1 and nnodes == 1 and max_restarts == 0 and not torchrun_args:
         return [sys.executable, "-m", module, *args]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}", f"--nnodes={nnodes}",

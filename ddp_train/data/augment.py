@@ -1,6 +1,7 @@
-"""Batch augmentation on the device: one random affine (rotation, translation) per sample through
-affine_grid/grid_sample, plus horizontal flips where they keep the label. Its generator is seeded per
-rank and saved in checkpoints, so a resumed run draws the same transforms as an uninterrupted one."""
+"""Randomness that is a function of the sample: seeds for a sample's transforms on the DataLoader path
+(keyed_rng: torch/numpy/random seeded by (seed, epoch, index)), counter-based uniforms on the device
+(keyed_uniform), and the device batch augmentation built on them. No generator state exists per rank,
+so 1, 2 or N processes and a resume on any world size draw the same transform for the same sample."""
 from __future__ import annotations
 
 import contextlib
@@ -45,36 +46,50 @@ def keyed_rng(seed: int, epoch: int, index: int, restore: bool):
             random.setstate(saved[2])
 
 
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (x in [0, 2^32), int64): xor-shift-multiply twice. The multiplier is below
+    2^31, so no product leaves int64; integer ops give the same bits on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
+    return (x >> 16) ^ x
+
+
+def keyed_uniform(seed: int, epoch: int, index: torch.Tensor, draws: int) -> torch.Tensor:
+    """[len(index), draws] uniforms in [0, 1), each a function of (seed, epoch, sample index, draw number)
+    only: counter-based, so no generator state exists, and any rank, world size or resume gets the same."""
+    base = sample_seed(seed, epoch, 0) & _M32
+    per_sample = _hash32((_hash32(index.long() & _M32) ^ base) & _M32)
+    k = torch.arange(draws, device=index.device, dtype=torch.long) * _GOLDEN & _M32
+    bits = _hash32((per_sample.unsqueeze(1) + k) & _M32)
+    return (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
 class BatchAugment:
-    def __init__(self, seed: int, rank: int, device: torch.device, flips: bool,
-                 max_degrees: float = 10.0, max_shift_px: float = 2.0):
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed * 1_000_003 + rank)
-        self.device, self.flips = device, flips
+    """One random affine per sample (rotation, translation) through affine_grid/grid_sample, plus
+    horizontal flips where they keep the label. Every draw is keyed by (seed, epoch, global sample index):
+    nothing to checkpoint, the same transform of a sample at any world size and after any resume."""
+
+    def __init__(self, seed: int, flips: bool, max_degrees: float = 10.0, max_shift_px: float = 2.0):
+        self.seed, self.flips = seed, flips
         self.max_radians = math.radians(max_degrees)
         self.max_shift_px = max_shift_px
 
-    def _uniform(self, n: int, bound: float) -> torch.Tensor:
-        return (torch.rand(n, device=self.device, generator=self.generator) * 2 - 1) * bound
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, epoch: int, index: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        angle = self._uniform(n, self.max_radians)
+        u = keyed_uniform(self.seed, epoch, index.to(x.device), 4) * 2 - 1  # in [-1, 1)
+        angle = u[:, 0] * self.max_radians
         # affine_grid works in [-1, 1] coordinates: a shift of p pixels is 2p / size.
-        tx = self._uniform(n, 2 * self.max_shift_px / w)
-        ty = self._uniform(n, 2 * self.max_shift_px / h)
+        tx = u[:, 1] * (2 * self.max_shift_px / w)
+        ty = u[:, 2] * (2 * self.max_shift_px / h)
         cos, sin = angle.cos(), angle.sin()
-        sx = torch.ones(n, device=self.device)
+        sx = torch.ones(n, device=x.device)
         if self.flips:
-            flip = torch.rand(n, device=self.device, generator=self.generator) < 0.5
-            sx = torch.where(flip, -sx, sx)
+            sx = torch.where(u[:, 3] < 0, -sx, sx)
         theta = torch.stack([torch.stack([cos * sx, -sin, tx], 1), torch.stack([sin * sx, cos, ty], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         # border: the edge pixels (background) fill what the shift uncovers, in normalised units
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
-
-    def set_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state)

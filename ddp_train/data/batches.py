@@ -195,7 +195,7 @@ class TrainBatches:
         self.micro, self.accum, self.device = micro_batch, accum, device
         # Device augmentation for in-memory splits; file datasets (imagefolder) augment in their transforms.
         in_memory = isinstance(split, ImageTensors)
-        self.augment = BatchAugment(seed, env.rank, device, info.flips) if cfg.augment and in_memory else None
+        self.augment = BatchAugment(seed, info.flips) if cfg.augment and in_memory else None
         self.n = len(split)
         self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -226,19 +226,10 @@ class TrainBatches:
         else:
             self._sampler.indices = [(epoch, i) for i in idx.tolist()]
             batches = (to_device(x, y, self.device, self.channels_last) for x, y in _batches(self.loader))
-        for x, y in batches:
-            yield self._augment(x), y
-
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
-        return self.augment(x) if self.augment is not None else x
-
-    def state_dict(self) -> dict:
-        """This rank's augmentation generator (the epoch position is TrainProgress's)."""
-        return {"augment": self.augment.state().cpu()} if self.augment is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.augment is not None and "augment" in state:
-            self.augment.set_state(state["augment"])
+        for b, (x, y) in enumerate(batches):  # in order, on both paths: batch b holds idx[b*micro:(b+1)*micro]
+            if self.augment is not None:
+                x = self.augment(x, epoch, idx[b * self.micro: (b + 1) * self.micro])
+            yield x, y
 
     def close(self) -> None:
         shutdown(self.loader)

@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from .. import dist
 from ..config import CheckpointConfig, flatten
 from ..env import DistEnv, agent_shutdown_timeout
@@ -173,15 +175,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path} does not fit this model: {_key_problem(str(e))}") from None
         for name, s in self.states.items():
             s.load_state_dict(state[name])
-        per_rank = state["per_rank"]
-        if len(per_rank) == self.env.world_size:
-            for name, s in self.rank_states.items():
-                if name in per_rank[self.env.rank]:
-                    s.load_state_dict(per_rank[self.env.rank][name])
-        else:
-            log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart (dropout "
-                        "and augmentation draws will differ from an uninterrupted run)", len(per_rank),
-                        self.env.world_size)
+        self._load_rank_states(state["per_rank"])
         step = int(state["extra"]["step"])
         steps = dist.all_gather_object(step)
         if len(set(steps)) != 1:
@@ -192,6 +186,25 @@ class CheckpointManager:
         log.info("resumed from %s%s at step %d in %.2f s", path, f" (sharded: {sharded.name})" if sharded else "",
                  step, time.perf_counter() - start)
         return path
+
+
+    def _load_rank_states(self, per_rank: list[dict]) -> None:
+        """Each rank its own states; after a change of world size, the states that can be carried over
+        (the loss window) are, and the per-rank random streams restart."""
+        if len(per_rank) == self.env.world_size:
+            for name, s in self.rank_states.items():
+                if name in per_rank[self.env.rank]:
+                    s.load_state_dict(per_rank[self.env.rank][name])
+            return
+        for name, s in self.rank_states.items():
+            saved = [r[name] for r in per_rank if name in r]
+            if saved and hasattr(s, "load_from_other_world"):
+                s.load_from_other_world(saved)
+        dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.model.modules())
+        (log.warning if dropout else log.info)(
+            "checkpoint was written by %d ranks, this job has %d%s", len(per_rank), self.env.world_size,
+            ": dropout draws per rank restart, so the run leaves the uninterrupted trajectory" if dropout else
+            ": the run continues the same trajectory (augmentation is keyed per sample)")
 
 
 def _key_problem(msg: str) -> str:

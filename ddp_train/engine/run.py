@@ -158,9 +158,10 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         checkpointer = CheckpointManager(
             cfg.checkpoint, run_dir / "checkpoints", env, model=model, optimizer=optimizer,
             states={"progress": progress, "scheduler": scheduler, "scaler": precision},
-            rank_states={"rng": RNGState(device), "loss_window": window, "batches": train},
+            rank_states={"rng": RNGState(device), "loss_window": window},
             config=cfg.to_dict(), on_saved=logger.log_checkpoint)
         checkpointer.resume()
+        progress.note_world_size(env.world_size)
         trainer = Trainer(cfg=cfg, env=env, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                           precision=precision, train=train, evals=evals, num_classes=info.num_classes,
                           total_steps=total, progress=progress, window=window, logger=logger,
@@ -223,4 +224,5 @@ def summarise(cfg: Config, env: DistEnv, trainer: Trainer, checkpointer: Checkpo
             "global_batch_size": cfg.train.global_batch_size, "step_time_s": trainer.step_time_s(),
             "checkpoint_save_s": saves[-1] if saves else None, "checkpoint_save_max_s": max(saves, default=None),
             "checkpoint_saves": len(saves), "checkpoint_failures": checkpointer.failures,
+            "world_sizes": p.world_sizes,
             "git_sha": files.git_sha(), **files.versions()}

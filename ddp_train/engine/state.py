@@ -4,7 +4,7 @@ checkpoint manager is handed a mapping of them and never reads the trainer: wher
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +23,11 @@ class TrainProgress:
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    world_sizes: list[list[int]] = field(default_factory=list)  # [[step, world size], ...] as they changed
+
+    def note_world_size(self, world_size: int) -> None:
+        if not self.world_sizes or self.world_sizes[-1][1] != world_size:
+            self.world_sizes.append([self.step, world_size])
 
     def stepped(self) -> None:
         self.step += 1
@@ -38,8 +43,9 @@ class TrainProgress:
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+        self.world_sizes = [list(map(int, w)) for w in state.get("world_sizes", [])]
 
 
 class LossWindow:
@@ -66,6 +72,12 @@ class LossWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sum.fill_(float(state["sum"]))
         self.steps = self.untimed = int(state["steps"])
+
+    def load_from_other_world(self, states: list[dict[str, Any]]) -> None:
+        """Saved by another number of ranks: each rank takes the mean of their sums, so the first mean
+        logged after the change (all ranks' sums over ranks x steps) is still the global mean."""
+        self.sum.fill_(sum(float(s["sum"]) for s in states) / len(states))
+        self.steps = self.untimed = int(states[0]["steps"])
 
 
 class RNGState:

@@ -182,6 +182,9 @@ class CheckpointManager:
             log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart (dropout "
                         "and augmentation draws will differ from an uninterrupted run)", len(per_rank),
                         self.env.world_size)
+            for name, s in self.rank_states.items():  # what can be carried over to another world size
+                if hasattr(s, "load_from_ranks"):
+                    s.load_from_ranks([r[name] for r in per_rank if name in r])
         step = int(state["extra"]["step"])
         steps = dist.all_gather_object(step)
         if len(set(steps)) != 1:

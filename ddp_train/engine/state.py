@@ -67,6 +67,11 @@ class LossWindow:
         self.sum.fill_(float(state["sum"]))
         self.steps = self.untimed = int(state["steps"])
 
+    def load_from_ranks(self, states: list[dict[str, Any]]) -> None:
+        """Resume on another world size: every rank takes the old ranks' mean sum, so the first loss logged
+        (the sum over ranks / (steps x world)) is still the mean over the same steps."""
+        self.load_state_dict({"sum": sum(float(s["sum"]) for s in states) / len(states), "steps": states[0]["steps"]})
+
 
 class RNGState:
     """This process's global generators: torch (CPU, and CUDA on a GPU), numpy, Python's random."""

@@ -11,7 +11,13 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths
 
-from .faults import exit_code_of, failing_rank, failing_task, node_at_fault, parse_node_addresses  # noqa: F401
+from .faults import (
+    exit_code_of,
+    failing_rank,  # noqa: F401  (re-exported: the triage API as it was)
+    failing_task,
+    node_at_fault,
+    parse_node_addresses,
+)
 
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "SPECIAL_EXIT"}

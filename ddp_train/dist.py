@@ -192,6 +192,28 @@ def all_gather_object(obj: Any, patient: bool = False) -> list[Any]:
     return out
 
 
+def hosts_per_rank() -> list[str]:
+    """Every rank's host name in rank order (one all-gather at start-up): where each rank ran, for the log
+    and summary.json. On several nodes it is the first thing to check when ranks disagree."""
+    return all_gather_object(socket.gethostname(), patient=True)
+
+
+def ranks_by_host(hosts: list[str]) -> str:
+    """['n1', 'n1', 'n2'] -> 'n1: ranks 0-1 | n2: rank 2' (hosts in order of their first rank)."""
+    groups: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        groups.setdefault(host, []).append(rank)
+    parts = []
+    for host, ranks in groups.items():
+        contiguous = ranks == list(range(ranks[0], ranks[-1] + 1))
+        if len(ranks) == 1:
+            parts.append(f"{host}: rank {ranks[0]}")
+        else:
+            listed = f"{ranks[0]}-{ranks[-1]}" if contiguous else ",".join(map(str, ranks))
+            parts.append(f"{host}: ranks {listed}")
+    return " | ".join(parts)
+
+
 def decide_on_main(env: DistEnv, fn, *args, **kwargs):
     """Rank 0 computes a (picklable) decision, every rank gets it; a UserError on rank 0 is raised on
     every rank, so no rank is left waiting at a collective. The others wait on the patient group: rank 0

@@ -2,7 +2,6 @@
 fails say which rank failed, why (exit code/signal/state in words) and show its last log lines."""
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +11,16 @@ from pathlib import Path
 
 from submitit.core.utils import JobPaths
 
+from .faults import (
+    exit_code_of,
+    failing_rank,  # noqa: F401  (re-exported: the triage API as it was)
+    failing_task,
+    node_at_fault,
+    parse_node_addresses,
+)
+
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED", "SPECIAL_EXIT"}
-SRUN_TASK = re.compile(r"srun: error: (?P<host>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
 
 
 @dataclass
@@ -47,6 +53,12 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
         return None
 
 
+def node_addresses() -> dict[str, str]:
+    """Every node's name, hostname and address -> its name (for connection errors that name an address)."""
+    proc = _run(["scontrol", "show", "node", "-o"])
+    return parse_node_addresses(proc.stdout) if proc and proc.returncode == 0 else {}
+
+
 def explain(st: JobStatus) -> str:
     """The exit reason in words, with the usual fix."""
     if st.state == "OUT_OF_MEMORY" or st.exit_code in (137, -9) or st.signal == 9:
@@ -68,50 +80,6 @@ def explain(st: JobStatus) -> str:
     return f"exit code {st.exit_code}"
 
 
-def failing_rank(logs: dict[int, str]) -> tuple[int, str | None]:
-    """(rank, srun's words for it). The first task srun reports is the cause: the others were then ended
-    by --kill-on-bad-exit ("Terminated") or failed on broken collectives, which is noise. A signal there
-    (killed, out of memory) names that rank. A task that exited with a code is named unless its log is
-    silent: an error every rank raised alike is printed by rank 0 alone, so the lowest rank that printed
-    an error of its own is named instead. Without srun's reports: the lowest rank with an error, else 0."""
-    events: list[tuple[list[int], str]] = []
-    for text in logs.values():
-        events = [(_ranks(m["tasks"]), m["what"].strip()) for m in SRUN_TASK.finditer(text)]
-        if events:
-            break
-    own_error = [rank for rank in sorted(logs) if _has_own_error(logs[rank])]
-    if not events:
-        return (own_error[0], None) if own_error else (0, None)
-    what = events[0][1]
-    ranks = [r for rs, w in events if w == what for r in rs]  # every task that ended the same way
-    if "Killed" in what or "signal" in what or "Out Of Memory" in what:
-        return min(ranks), what
-    for rank in sorted(ranks):
-        if rank in own_error:
-            return rank, what
-    return (own_error[0] if own_error else min(ranks)), what
-
-
-def exit_code_of(words: str | None, default: int) -> int:
-    """srun's 'Exited with exit code N' -> N: the cause's code, not the one the killed rest left in sacct."""
-    m = re.search(r"exit code (\d+)", words or "")
-    return int(m[1]) if m else default
-
-
-def _has_own_error(text: str) -> bool:
-    own = "\n".join(ln for ln in text.splitlines() if not ln.startswith(("srun:", "slurmstepd")))
-    return "Traceback" in own or "error:" in own or "launch.slurm:" in own  # (the requeue verdict is rank 0's)
-
-
-def _ranks(spec: str) -> list[int]:
-    """srun's '0-1,3' -> [0, 1, 3]."""
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 def task_logs(folder: Path, job_id: str, ntasks: int) -> dict[int, str]:
     logs = {}
     for rank in range(ntasks):
@@ -127,11 +95,16 @@ def task_logs(folder: Path, job_id: str, ntasks: int) -> dict[int, str]:
 def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15) -> tuple[str, int]:
     """(the explanation, the exit code the launcher should return: the failing rank's)."""
     logs = task_logs(folder, job_id, ntasks)
-    rank, words = failing_rank(logs)
+    failure = failing_task(logs)
+    rank, words = failure.rank, failure.words
     st = JobStatus(st.state, exit_code_of(words, st.exit_code), st.signal)
     lines = [f"launch.slurm: job {job_id} {st.state} (exit {st.exit_code}"
              + (f", signal {st.signal}" if st.signal else "") + f"): rank {rank}"
-             + (f" ({words})" if words else "") + f" -- {explain(st)}"]
+             + (f" on {failure.host}" if failure.host else "") + (f" ({words})" if words else "")
+             + f" -- {explain(st)}"]
+    fault = node_at_fault(failure, logs, node_addresses())
+    if fault:
+        lines.append(f"launch.slurm: node {fault[0]} looks at fault ({fault[1]}): resubmit with --exclude {fault[0]}")
     paths = JobPaths(folder, job_id=job_id, task_id=rank)
     own = [ln for ln in logs.get(rank, "").splitlines() if ln.strip() and "submitit" not in ln]
     lines.append(f"last lines of rank {rank} ({paths.stderr}):")

@@ -3,6 +3,7 @@ exit 2, no job. A bad request found here costs seconds; found by SLURM it costs 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -27,19 +28,41 @@ class Request:
     max_requeues: int
     partition: str | None
     dry_run: bool
+    max_nodes: int | None = None  # --nodes A-B: SLURM starts the job on any count from A to B
 
     @property
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
     @property
+    def node_counts(self) -> list[int]:
+        return list(range(self.nodes, (self.max_nodes or self.nodes) + 1))
+
+    @property
+    def nodes_spec(self) -> int | str:
+        """What sbatch --nodes gets: N, or the range "A-B"."""
+        return f"{self.nodes}-{self.max_nodes}" if self.max_nodes and self.max_nodes != self.nodes else self.nodes
+
+    @property
     def world_size(self) -> int:
-        return self.nodes * self.ntasks_per_node
+        """The largest world size the job can get (every count of a node range is checked)."""
+        return self.node_counts[-1] * self.ntasks_per_node
+
+
+def node_range(text: str) -> tuple[int, int | None]:
+    """--nodes N or --nodes A-B (SLURM's syntax) -> (A, B or None)."""
+    lo, dash, hi = text.partition("-")
+    if not lo.strip().isdigit() or (dash and not hi.strip().isdigit()):
+        raise UserError(f"--nodes {text}: write a node count (--nodes 2) or a range (--nodes 2-4)")
+    return int(lo), int(hi) if dash else None
 
 
 def check_request(req: Request) -> None:
     if req.nodes < 1:
-        raise UserError(f"--nodes {req.nodes}: must be >= 1")
+        raise UserError(f"--nodes {req.nodes_spec}: must be >= 1")
+    if req.max_nodes is not None and req.max_nodes < req.nodes:
+        raise UserError(f"--nodes {req.nodes}-{req.max_nodes}: the range must not shrink (write --nodes "
+                        f"{req.max_nodes}-{req.nodes})")
     if req.gpus_per_node < 0:
         raise UserError(f"--gpus-per-node {req.gpus_per_node}: must be >= 0 (0 = CPU processes with gloo)")
     if req.tasks_per_node is not None and req.tasks_per_node < 1:
@@ -57,18 +80,25 @@ def check_request(req: Request) -> None:
 
 
 def check_config(cfg: Config, req: Request, label: str = "") -> None:
-    """The engine's own checks, for the world size this request gives, and the user's modules import."""
+    """The engine's own checks, for every world size this request can give (each count of a node range),
+    and the user's modules import."""
     check_paths(cfg)
     where = f" (sweep element {label})" if label else ""
-    try:
-        micro_batch_size(cfg, req.world_size)
-    except UserError as e:
-        raise UserError(f"{e} -- with --nodes {req.nodes} x {req.ntasks_per_node} tasks per node{where}") from None
+    for nodes in req.node_counts:
+        try:
+            micro_batch_size(cfg, nodes * req.ntasks_per_node)
+        except UserError as e:
+            fits = ""
+            if len(req.node_counts) > 1:
+                parts = [n * req.ntasks_per_node * cfg.train.grad_accum_steps for n in req.node_counts]
+                fits = (f"; --nodes {req.nodes_spec} may start on any of {req.node_counts[0]}-{req.node_counts[-1]} "
+                        f"nodes: a global batch of a multiple of {math.lcm(*parts)} fits them all")
+            raise UserError(f"{e} -- with --nodes {nodes} x {req.ntasks_per_node} tasks per node{fits}{where}") from None
 
 
 def check_run_root(root: Path, req: Request) -> None:
-    if req.nodes > 1 and str(root.resolve()).startswith(NODE_LOCAL):
-        raise UserError(f"run.root={root} is node-local; with --nodes {req.nodes} every node must see the same "
+    if req.node_counts[-1] > 1 and str(root.resolve()).startswith(NODE_LOCAL):
+        raise UserError(f"run.root={root} is node-local; with --nodes {req.nodes_spec} every node must see the same "
                         "run directory: put run.root on a shared filesystem")
     ensure_writable(root, f"run.root={root}", "the run root")
 

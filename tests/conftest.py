@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,11 +80,78 @@ def runs(tmp_path: Path) -> Path:
     return tmp_path / "runs"
 
 
+# One config for every comparison across launchers, nodes and world sizes: no augmentation, no dropout, plain
+# SGD, a global batch that divides by 1, 2 and 3 ranks, so those runs differ by fp32 reduction order at most.
+# A gentle learning rate: at lr=0.05 the loss spikes early and amplifies that last-bit noise (2 vs 3 ranks:
+# 2e-7 at step 20, 8% at step 60, measured); at 0.01 they stay within 5e-7 for all 120 steps. 2 epochs of
+# 83 steps capped at 120 (~0.05 s a step here): long enough to be signalled or killed mid-run, with a
+# checkpoint every 20 steps to resume from.
+MULTINODE = [str(CONFIGS / "cpu_smoke.yaml"), "model.name=cnn", "optim.name=sgd", "optim.lr=0.01",
+             "train.global_batch_size=48", "train.epochs=2", "train.max_steps=120", "train.log_every_steps=10",
+             "checkpoint.every_steps=20"]
+
+
+@pytest.fixture(scope="session")
+def local_pair_run(tmp_path_factory) -> Path:
+    """MULTINODE on 2 local processes under one torchrun agent: what the multi-node runs are compared to."""
+    root = tmp_path_factory.mktemp("local_pair")
+    check(run_engine([*MULTINODE, f"run.root={root}", "run.name=pair"], nproc=2))
+    return root / "pair"
+
+
+def wait_for(what: str, condition, timeout: float, poll_s: float = 0.1):
+    """condition()'s first truthy value within `timeout` seconds, else a failed assertion naming `what`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def max_step(run_dir: Path) -> int:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step", -1))
+        except ValueError:
+            continue  # a line being written
+    return max(steps, default=-1)
+
+
 # --------------------------------------------------------------------------------------------- SLURM
-# A real single-node SLURM cluster on localhost (munged, slurmctld, slurmd, slurmdbd + MariaDB for sacct),
-# started once per session by tests/slurm/start-cluster.sh with all state under a pytest temp dir. As root
-# with apt-get (CI) the script first installs the Debian packages (~20 s); elsewhere, without them, the
-# SLURM tests skip and say why.
+# A real SLURM cluster on this one host: munged, slurmctld, slurmdbd + MariaDB (for sacct) and one slurmd per
+# node (n1..n3, each on its own loopback address, with its own hostname in private UTS/mount namespaces, so
+# MASTER_ADDR=n1 resolves on every node), started once per session by tests/slurm/start-cluster.sh with all
+# state under a pytest temp dir. Single-node tests land on any node; multi-node tests use 2 or 3. As root with
+# apt-get (CI) the script first installs the Debian packages (~20 s); elsewhere, without them or without
+# root (several slurmd, namespaces), the SLURM tests skip and say why.
+SLURM_NODES = 3
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p .. p+n-1 all free (node i's slurmd listens on SLURMD_PORT+i-1)."""
+    for _ in range(50):
+        base = free_port()
+        socks = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     root_with_apt = os.geteuid() == 0 and shutil.which("apt-get")
@@ -88,8 +159,9 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip("SLURM is not installed and this is not root with apt-get to install it")
     base = tmp_path_factory.mktemp("slurm")
     env = dict(os.environ, SLURM_INSTALL="1" if root_with_apt else "0", SLURM_ACCOUNTING="1",
-               SLURM_CTLD_PORT=str(free_port()), SLURMD_PORT=str(free_port()),
-               SLURMDBD_PORT=str(free_port()), SLURM_DB_PORT=str(free_port()))
+               SLURM_NUM_NODES=str(SLURM_NODES), SLURM_CTLD_PORT=str(free_port()),
+               SLURMD_PORT=str(free_port_block(SLURM_NODES)), SLURMDBD_PORT=str(free_port()),
+               SLURM_DB_PORT=str(free_port()))
     proc = subprocess.run([str(SLURM_SCRIPTS / "start-cluster.sh"), str(base)], env=env, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode == 2:
@@ -99,6 +171,20 @@ def slurm_cluster(tmp_path_factory):
         yield base / "etc" / "slurm.conf"
     finally:
         subprocess.run([str(SLURM_SCRIPTS / "stop-cluster.sh"), str(base)], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """Run roots for multi-node jobs: the launcher refuses node-local ones (/tmp, /dev/shm) for several nodes,
+    as it must on a real cluster, so these live where a home directory would (every node sees it);
+    DDP_TRAIN_TEST_SHARED_DIR moves them. Removed at the end of the session."""
+    parent = Path(os.environ.get("DDP_TRAIN_TEST_SHARED_DIR") or Path.home() / ".cache" / "ddp_train-tests")
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="multinode-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -201,3 +287,71 @@ def write_user_project(root: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text.lstrip("\n"))
     return root
+
+def job_rows(stdout: str) -> list[tuple[str, Path]]:
+    """The launcher's table: '  <job id>  <run dir>  [swept values]'."""
+    return [(m[1], Path(m[2])) for m in re.finditer(r"^  (\d+(?:_\d+)?)  (\S+)", stdout, re.M)]
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [d for d in root.iterdir() if (d / "config.yaml").exists()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def job_field(job_id: str, key: str, env: dict[str, str]) -> str:
+    """One field of `scontrol show job` (Restarts, ExcNodeList, NodeList, JobState ...)."""
+    m = re.search(rf"\b{key}=(\S*)", slurm(["scontrol", "show", "job", "-o", job_id], env))
+    return m[1] if m else ""
+
+
+class Launch:
+    """`python -m launch.slurm ARGS --wait` in the background, its output collected as it comes, so a test can
+    act on the job (signal it, kill a task) while the launcher follows it."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.started = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.slurm", *args, "--wait"], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(pipe, lines), daemon=True)
+                        for pipe, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.readers:
+            t.start()
+
+    @staticmethod
+    def _read(pipe, lines: list[str]) -> None:
+        for line in pipe:
+            lines.append(line)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def rows(self, n: int = 1, timeout: float = 60) -> list[tuple[str, Path]]:
+        def ready():
+            rows = job_rows(self.stdout)
+            if len(rows) >= n:
+                return rows[:n]
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # the readers drain the pipes
+                raise AssertionError(f"the launcher exited {self.proc.returncode} before submitting:\n{self!r}")
+            return None
+        return wait_for(f"{n} job(s) in the launcher's table", ready, timeout)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            self.proc.kill()
+            for t in self.readers:
+                t.join(timeout=10)
+        return rc
+
+    def __repr__(self) -> str:  # what an assertion message shows
+        return f"STDOUT:\n{self.stdout[-4000:]}\nSTDERR:\n{self.stderr[-4000:]}"

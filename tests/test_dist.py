@@ -44,6 +44,13 @@ def test_first_host_without_scontrol_uses_the_parser(monkeypatch):
     assert env.first_host("rack[1-2]-n[01-04]") == "rack1-n01"
 
 
+def test_ranks_per_host_reads_as_one_line_per_job():
+    assert dist.ranks_by_host(["n1", "n2"]) == "n1: rank 0 | n2: rank 1"
+    assert dist.ranks_by_host(["a"] * 4 + ["b"] * 4) == "a: ranks 0-3 | b: ranks 4-7"
+    assert dist.ranks_by_host(["a", "b", "a", "b"]) == "a: ranks 0,2 | b: ranks 1,3"  # a round-robin placement
+    assert dist.hosts_per_rank() == [__import__("socket").gethostname()]  # one process: no group, no collective
+
+
 def test_gloo_on_a_hostname_that_resolves_to_loopback_is_caught_for_multi_node_jobs():
     problem = dist.loopback_problem("box", "127.0.1.1", "10.0.0.5", "10.0.0.5")
     assert "resolves to 127.0.1.1 (loopback)" in problem and "GLOO_SOCKET_IFNAME" in problem

@@ -9,9 +9,10 @@ import sys
 import pytest
 from conftest import CONFIGS, ROOT, engine_env
 
+from ddp_train.config import load_config
 from ddp_train.env import cuda_index, from_env
 from ddp_train.errors import UserError
-from launch import follow, preflight, sweep
+from launch import faults, follow, preflight, sweep
 
 SMOKE = str(CONFIGS / "cpu_smoke.yaml")
 
@@ -41,6 +42,59 @@ def test_preflight_request_rules():
                         ({"max_requeues": -1}, "--max-requeues -1"), ({"nodes": 0}, "--nodes 0")]:
         with pytest.raises(UserError, match=message):
             preflight.check_request(request(**kw))
+
+
+def test_a_node_range_is_checked_for_every_node_count_it_can_start_with():
+    assert preflight.node_range("2-4") == (2, 4) and preflight.node_range("3") == (3, None)
+    req = request(nodes=2, max_nodes=4, tasks_per_node=2)
+    assert (req.node_counts, req.nodes_spec, req.world_size) == ([2, 3, 4], "2-4", 8)
+    preflight.check_config(load_config(SMOKE, ["train.global_batch_size=48"]), req)  # 4, 6 and 8 ranks
+    with pytest.raises(UserError, match=r"does not divide by world size 6 .* --nodes 3 x 2 tasks per node; "
+                                        r"--nodes 2-4 may start on any of 2-4 nodes: .* a multiple of 24 fits"):
+        preflight.check_config(load_config(SMOKE, ["train.global_batch_size=32"]), req)
+    for bad, message in [("2-x", "--nodes 2-x: write a node count"), ("4-2", "--nodes 4-2: the range must not")]:
+        with pytest.raises(UserError, match=message):
+            lo, hi = preflight.node_range(bad)
+            preflight.check_request(request(nodes=lo, max_nodes=hi))
+
+
+def test_a_node_is_at_fault_for_a_signal_or_lost_connections_not_for_a_bug_or_a_cancel():
+    srun = "srun: error: n2: task 1: {}\nsrun: error: n1: task 0: Terminated\n"
+    killed = {0: srun.format("Killed"), 1: ""}
+    failure = faults.failing_task(killed)
+    assert failure == faults.Failure(1, "Killed", "n2") and faults.exit_code_of(failure.words, 0) == 137
+    assert faults.node_at_fault(failure, killed, {}) == ("n2", "rank 1 on n2: Killed (signal 9)")
+    for words in ("Bus error", "Out Of Memory"):
+        logs = {0: srun.format(words), 1: ""}
+        assert faults.node_at_fault(faults.failing_task(logs), logs, {})[0] == "n2"
+    for words in ("Terminated", "Exited with exit code 1", "Exited with exit code 2"):  # scancel, a bug, a config
+        logs = {0: srun.format(words), 1: "Traceback (most recent call last):\nValueError: bug\n"}
+        assert faults.node_at_fault(faults.failing_task(logs), logs, {}) is None
+    addresses = faults.parse_node_addresses(
+        "NodeName=n1 Arch=x86_64 NodeAddr=10.0.0.1 NodeHostName=gpu1 Version=22.05\n"
+        "NodeName=n2 Arch=x86_64 NodeAddr=10.0.0.2 NodeHostName=gpu2 Version=22.05\n")
+    assert addresses == {"n1": "n1", "10.0.0.1": "n1", "gpu1": "n1", "n2": "n2", "10.0.0.2": "n2", "gpu2": "n2"}
+    gloo = {0: "Traceback (most recent call last):\nRuntimeError: [gloo/transport/tcp/pair.cc:534] Connection "
+               "closed by peer [10.0.0.2]:4242\nsrun: error: n1: task 0: Exited with exit code 1\n", 1: ""}
+    assert faults.node_at_fault(faults.failing_task(gloo), gloo, addresses) == (
+        "n2", "rank 0 on n1 lost its connection to n2")
+    nccl = {0: "gpu1:123:456 [0] NCCL WARN Net : Connection closed by remote peer gpu2<43120>\n"
+               "srun: error: n1: task 0: Exited with exit code 1\n"}  # the line also names its own host
+    assert faults.node_at_fault(faults.failing_task(nccl), nccl, addresses)[0] == "n2"
+
+
+def test_a_node_range_asks_srun_for_the_tasks_per_node(shared_dir):
+    """With --ntasks-per-node in the job, SLURM pins a node range to its lower end: the job asks for one task per
+    node with the CPUs of all of them, srun splits each node."""
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", SMOKE, f"run.root={shared_dir}/dry",
+                           "train.global_batch_size=48", "--nodes", "2-4", "--tasks-per-node", "2",
+                           "--cpus-per-task", "3", "--exclude", "n7", "--dry-run"], cwd=ROOT,
+                          env=engine_env(PATH="/usr/bin:/bin"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2-4" in proc.stdout and "#SBATCH --cpus-per-task=6" in proc.stdout
+    assert "#SBATCH --exclude=n7" in proc.stdout and "--ntasks-per-node" not in proc.stdout.split("# command")[0]
+    assert "--kill-on-bad-exit=1 --ntasks-per-node=2 --cpus-per-task=3" in proc.stdout
+    assert '-m launch.teardown "$?"' in proc.stdout.split("# teardown")[1]  # after srun: node-fault requeues
 
 
 def test_preflight_signal_delay_must_cover_the_last_measured_save_plus_a_step(tmp_path):

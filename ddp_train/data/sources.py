@@ -4,9 +4,7 @@ path can put them on the device once; folder datasets come back as torch Dataset
 path."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 

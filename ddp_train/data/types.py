@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 MNIST_STATS = ((0.1307,), (0.3081,))
 FASHION_STATS = ((0.2860,), (0.3530,))

@@ -117,6 +117,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
         setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
+        hosts = dist.hosts_per_rank()
+        log.info("ranks per host: %s", dist.ranks_by_host(hosts))
         if env.is_main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         device = env.device
@@ -181,6 +183,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         if env.is_main:
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)
             summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
+            summary["hosts_per_rank"] = hosts
             if device.type == "cuda":
                 summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             files.write_json(run_dir / "summary.json", summary)

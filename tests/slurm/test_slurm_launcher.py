@@ -14,13 +14,20 @@ import pytest
 import yaml
 from conftest import (
     CONFIGS,
+    MULTINODE,
     ROOT,
+    Launch,
     final_checkpoint,
+    job_field,
+    job_rows,
     launcher,
     max_param_diff,
+    max_step,
+    only_run_dir,
     read_jsonl,
     slurm,
     train_losses,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -30,17 +37,6 @@ SMOKE = str(CONFIGS / "cpu_smoke.yaml")
 PREEMPTIBLE = [SMOKE, "model.name=cnn", "train.epochs=2", "train.max_steps=250", "train.log_every_steps=10",
                "log.wandb.mode=offline"]
 TWO_TASKS = ["--tasks-per-node", "2", "--time", "5"]
-
-
-def job_rows(stdout: str) -> list[tuple[str, Path]]:
-    """The launcher's table: '  <job id>  <run dir>  [swept values]'."""
-    return [(m[1], Path(m[2])) for m in re.finditer(r"^  (\d+(?:_\d+)?)  (\S+)", stdout, re.M)]
-
-
-def only_run_dir(root: Path) -> Path:
-    dirs = [d for d in root.iterdir() if (d / "config.yaml").exists()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 @pytest.fixture(scope="module")
@@ -132,21 +128,31 @@ def test_a_job_out_of_requeues_keeps_its_checkpoint_and_says_how_to_continue(slu
     assert saved["extra"]["reason"] == "preempt" and 30 <= saved["progress"]["step"] < 250
 
 
-def test_sweep_is_one_job_array_with_a_run_dir_per_element(slurm_env, tmp_path):
+def test_sweep_is_one_job_array_and_a_preempted_element_is_requeued_alone(slurm_env, tmp_path):
+    """The requeue names ARRAY_JOB_ID_TASK_ID, never the whole array (Lightning #15022): USR2 to element 0
+    requeues and resumes element 0 only; element 1 runs once, undisturbed."""
     root = tmp_path / "runs"
-    proc = launcher([SMOKE, f"run.root={root}", "--sweep", "optim.lr=1e-3,3e-4", "--tasks-per-node", "1",
-                     "--time", "5", "--wait"], slurm_env, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = job_rows(proc.stdout)
-    assert len(rows) == 2 and rows[0][0].split("_")[0] == rows[1][0].split("_")[0]  # one array
+    launch = Launch([*MULTINODE, f"run.root={root}", "--sweep", "optim.lr=0.05,0.02", "--tasks-per-node", "1",
+                     "--time", "5"], slurm_env)
+    rows = launch.rows(2)
+    (first, first_dir), (second, second_dir) = rows
+    assert first.split("_")[0] == second.split("_")[0] and (first[-2:], second[-2:]) == ("_0", "_1")  # one array
+    wait_for("element 0 at step 30", lambda: max_step(first_dir) >= 30, 90)
+    slurm(["scancel", "--signal=USR2", first], slurm_env)
+    assert launch.finish(timeout=180) == 0, launch
+    assert f"job {first}: COMPLETED" in launch.stdout and f"job {second}: COMPLETED" in launch.stdout, launch
+    assert (job_field(first, "Restarts", slurm_env), job_field(second, "Restarts", slurm_env)) == ("1", "0")
     lrs, groups = [], set()
-    for _, run_dir in rows:
+    for run_dir in (first_dir, second_dir):
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         lrs.append(cfg["optim"]["lr"])
         groups.add(cfg["log"]["wandb"]["group"])
-        assert (run_dir / "summary.json").is_file()
-    assert lrs == [1e-3, 3e-4]
+        assert json.loads((run_dir / "summary.json").read_text())["step"] == 120
+    assert lrs == [0.05, 0.02]
     assert len(groups) == 1 and groups.pop().startswith("cpu_smoke-sweep-")
+    logs = [(d / "train.log").read_text() for d in (first_dir, second_dir)]
+    assert "preemption signal (SIGUSR2) received" in logs[0] and "resuming at step" in logs[0]
+    assert logs[1].count("ranks per host:") == 1 and "preemption" not in logs[1] and "resuming" not in logs[1]
 
 
 def test_single_node_sbatch_template_runs_via_plain_sbatch(slurm_env, tmp_path):

@@ -15,12 +15,13 @@ from . import dist
 from .env import from_env
 from .errors import UserError, report
 from .rundir import files
+from .rundir.trained import add_checkpoint_args
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddp_train.evaluate", description=__doc__)
     p.add_argument("run_dir")
-    p.add_argument("--checkpoint", default=None, help="default: the newest intact checkpoint of the run")
+    add_checkpoint_args(p)
     p.add_argument("--split", default="val", choices=["val", "train"], help="val = the test/val split")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--data-root", default=None, help="where the dataset is, if not the run's data.root")
@@ -39,10 +40,10 @@ def evaluate_run(args, env) -> int:
     from .data import EvalBatches, load_distributed, use_device_resident
     from .engine.evaluation import evaluate
     from .engine.loss import CrossEntropy, build_loss
-    from .rundir.trained import load_trained
+    from .rundir.trained import from_args
 
     run_dir = Path(args.run_dir)
-    cfg, info, model, path, step = load_trained(run_dir, args.checkpoint)
+    cfg, info, model, path, step = from_args(args)
     if args.data_root:
         cfg.data.root = args.data_root
     dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, report
+from .rundir.trained import add_checkpoint_args
 
 
 def example_batch(info, n: int) -> torch.Tensor:
@@ -52,20 +53,29 @@ def export_torchscript(model, x: torch.Tensor, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddp_train.export", description=__doc__)
     p.add_argument("run_dir")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--format", default=None, choices=["onnx", "torchscript"])
+    p.add_argument("--quantize", default=None, choices=["dynamic"],
+                   help="int8 for CPU inference (static for convolutions, dynamic for Linear), checked on the "
+                        "test split against fp32")
+    p.add_argument("--max-drop", type=float, default=1.0, help="--quantize fails above this top-1 drop, in points")
+    p.add_argument("--calibration-samples", type=int, default=256, help="--quantize: training samples to calibrate on")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size at inference (ONNX)")
-    p.add_argument("--checkpoint", default=None)
+    add_checkpoint_args(p)
     p.add_argument("--batch", type=int, default=4, help="batch used to trace and to check the export")
     p.add_argument("--tolerance", type=float, default=1e-4)
     args = p.parse_args(argv)
+    if not args.format and not args.quantize:
+        p.error("give --format onnx|torchscript, or --quantize dynamic")
     try:
-        from .rundir.trained import load_trained
+        from .rundir.trained import from_args
 
-        _, info, model, path, step = load_trained(args.run_dir, args.checkpoint)
+        cfg, info, model, path, step = from_args(args)
+        out_dir = Path(args.run_dir) / "export"
+        out_dir.mkdir(exist_ok=True)
+        if args.quantize:
+            return quantize_run(args, cfg, info, model, path, step, out_dir)
     except UserError as e:
         return report("ddp_train.export", e)
-    out_dir = Path(args.run_dir) / "export"
-    out_dir.mkdir(exist_ok=True)
     x = example_batch(info, args.batch)
     with torch.no_grad():
         expected = model(x)
@@ -87,6 +97,50 @@ def main(argv: list[str] | None = None) -> int:
           f"of {len(check_x)}: max |logit diff| = {diff:.3g} ({'ok' if ok else 'FAILED'}, tolerance "
           f"{args.tolerance:g})")
     return 0 if ok else 1
+
+
+def quantize_run(args, cfg, info, model, path, step, out_dir: Path) -> int:
+    """int8 model to out_dir/model.int8.pt (TorchScript), fp32 beside it for comparison; top-1 of both on
+    the test split, file sizes, CPU latency; exit 1 when int8 loses more than --max-drop points."""
+    from .data import load
+    from .quantize import latency_ms, quantize, save_scripted, top1
+
+    cfg.data.num_workers = 0
+    splits = load(cfg.data)
+    test = list(_cpu_batches(splits.test, info, cfg, 256))
+    calibration, seen = [], 0
+    for x, _ in _cpu_batches(splits.train, info, cfg, 64):
+        calibration.append(x)
+        seen += len(x)
+        if seen >= args.calibration_samples:
+            break
+    qmodel, how = quantize(model, calibration)
+    x = calibration[0]
+    fp32_size = save_scripted(model, x, out_dir / "model.fp32.pt")
+    int8_size = save_scripted(qmodel, x, out_dir / "model.int8.pt")
+    fp32, int8 = top1(model, test), top1(qmodel, test)
+    drop = 100 * (fp32 - int8)
+    ok = drop <= args.max_drop
+    print(f"quantized {path.name} (step {step}), {how}\n"
+          f"  top-1 fp32 {fp32:.4f}, int8 {int8:.4f} (drop {drop:.2f} points, limit {args.max_drop:g}: "
+          f"{'ok' if ok else 'FAILED'})\n"
+          f"  size fp32 {fp32_size / 1e6:.2f} MB, int8 {int8_size / 1e6:.2f} MB ({fp32_size / int8_size:.1f}x smaller)\n"
+          f"  CPU latency per batch of {len(x)}: fp32 {latency_ms(model, x):.2f} ms, int8 {latency_ms(qmodel, x):.2f} ms\n"
+          f"  wrote {out_dir / 'model.int8.pt'} (TorchScript: torch.jit.load)")
+    return 0 if ok else 1
+
+
+def _cpu_batches(split, info, cfg, batch: int):
+    """(normalised images, labels) on the CPU, in order: what the evaluation pipeline feeds the model."""
+    from .data import EvalBatches
+    from .env import DistEnv
+
+    batches = EvalBatches(split, info, DistEnv(), cfg.data, batch, torch.device("cpu"),
+                          resident=hasattr(split, "images"), seed=cfg.run.seed)
+    try:
+        yield from (b for b in batches if b is not None)
+    finally:
+        batches.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from .errors import UserError, report
+from .rundir.trained import add_checkpoint_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,12 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--checkpoint", default=None)
+    add_checkpoint_args(p)
     args = p.parse_args(argv)
     try:
-        from .rundir.trained import load_trained, preprocess
+        from .rundir.trained import from_args, preprocess
 
-        _, info, model, _, _ = load_trained(args.run_dir, args.checkpoint)
+        _, info, model, _, _ = from_args(args)
         batch = torch.stack([preprocess(path, info) for path in args.images])
         with torch.no_grad():
             probs = torch.softmax(model(batch).float(), dim=1)

@@ -108,8 +108,8 @@ def test_a_resumed_run_keeps_no_checkpoint_file_mapped_after_pruning(tmp_path, m
     still_mapped = []
     prune = ckpt.prune
 
-    def prune_and_look(directory, keep_last):  # while the run goes on, right after each prune
-        prune(directory, keep_last)
+    def prune_and_look(*args):  # while the run goes on, right after each prune
+        prune(*args)
         maps = open(f"/proc/{os.getpid()}/maps").read()
         still_mapped.extend(line.split()[-2] for line in maps.splitlines() if "(deleted)" in line and ".pt" in line)
 

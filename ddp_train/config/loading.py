@@ -242,6 +242,22 @@ def validate(cfg: Config) -> None:
     _require(t.label_smoothing == 0 or t.loss == "cross_entropy", "train.label_smoothing",
              f"applies to train.loss=cross_entropy only (train.loss={t.loss}: smooth inside your loss)",
              t.label_smoothing)
+    _require(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "must be in (0, 1) or null", t.ema_decay)
+    es = t.early_stopping
+    _require(es.patience is None or es.patience >= 1, "train.early_stopping.patience", "must be >= 1 or null",
+             es.patience)
+    _require(es.min_delta >= 0, "train.early_stopping.min_delta", "must be >= 0", es.min_delta)
+    _require(d.mixup_alpha >= 0 and d.cutmix_alpha >= 0, "data.mixup_alpha", "and data.cutmix_alpha must be >= 0",
+             (d.mixup_alpha, d.cutmix_alpha))
+    _require(not (d.mixup_alpha or d.cutmix_alpha) or t.loss == "cross_entropy", "data.mixup_alpha",
+             f"and data.cutmix_alpha make soft targets, which need train.loss=cross_entropy (not {t.loss})",
+             (d.mixup_alpha, d.cutmix_alpha))
+    _require(0 <= d.random_erasing <= 1, "data.random_erasing", "must be a probability in [0, 1]", d.random_erasing)
+    _require(d.name == "imagefolder" or not (d.randaugment or d.random_erasing), "data.randaugment",
+             "and data.random_erasing are per-sample image-folder transforms (data.name=imagefolder); in-memory "
+             "datasets augment on the device (data.augment, mixup_alpha, cutmix_alpha)",
+             (d.randaugment, d.random_erasing))
+    _require(c.keep_best >= 0, "checkpoint.keep_best", "must be >= 0", c.keep_best)
     _require(d.num_classes is None or d.num_classes >= 2, "data.num_classes", "must be >= 2 or null",
              d.num_classes)
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)

@@ -51,6 +51,10 @@ class DataConfig:
     image_size: int = opt(224, "imagefolder: RandomResizedCrop (train) / CenterCrop (eval) size")
     resize_size: int | None = opt(None, "imagefolder: eval Resize before the crop; null: image_size * 256 / 224")
     skip_corrupt: bool = opt(False, "imagefolder: skip and count unreadable images instead of stopping")
+    mixup_alpha: float = opt(0.0, "mixup: mix each sample with another, lambda ~ Beta(alpha, alpha); 0: off")
+    cutmix_alpha: float = opt(0.0, "CutMix: paste a box of another sample, area ~ Beta(alpha, alpha); 0: off")
+    randaugment: bool = opt(False, "imagefolder: RandAugment in the per-sample training transforms")
+    random_erasing: float = opt(0.0, "imagefolder: probability of erasing a random box of a training image")
 
 
 @dataclass
@@ -85,6 +89,14 @@ class SchedConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    metric: str = opt("val/top1", "the evaluation metric to watch (val/top1, val/loss, val_ema/top1, ...)")
+    mode: Literal["max", "min"] = opt("max", "max: higher is better (accuracy); min: lower is better (loss)")
+    patience: int | None = opt(None, "stop after this many evaluations without improvement; null: off")
+    min_delta: float = opt(0.0, "an improvement must exceed this")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = opt(12, "passes over the training split")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)")
@@ -100,6 +112,9 @@ class TrainConfig:
     eval_every_epochs: int = opt(1, "evaluate on the test split every this many epochs (and at the end)")
     eval_batch_size: int = opt(1000, "per-rank evaluation batch size")
     deterministic: bool = opt(False, "deterministic algorithms; turns cudnn_benchmark and tf32 off")
+    ema_decay: float | None = opt(None, "keep an exponential moving average of the weights with this decay "
+                                        "(e.g. 0.999), evaluated as val_ema/*; null: off")
+    early_stopping: EarlyStoppingConfig = section(EarlyStoppingConfig, "stop when a metric stops improving")
     cudnn_benchmark: bool = opt(True, "autotune convolution kernels (CUDA)")
     tf32: bool = opt(True, "TF32 matmuls/convolutions for fp32 on Ampere and newer")
 
@@ -109,6 +124,7 @@ class ParallelConfig:
     strategy: Literal["ddp", "fsdp"] = opt("ddp", "DistributedDataParallel or FSDP2 (fully_shard)")
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "process-group backend; auto: nccl on GPUs, gloo on CPU")
     timeout_s: int = opt(600, "collective timeout once training is warm: a hung or dead rank ends the job")
+    sync_bn: bool = opt(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under DDP")
     init_timeout_s: int = opt(3600, "timeout while one rank works alone (data preparation, checkpoint writes) "
                                     "and before the first steps")
     shutdown_timeout_s: int = opt(120, "seconds torchrun gives workers between SIGTERM and SIGKILL (passed by "
@@ -120,6 +136,8 @@ class CheckpointConfig:
     every_steps: int | None = opt(None, "save every this many optimizer steps")
     every_epochs: int | None = opt(1, "save every this many epochs")
     keep_last: int = opt(3, "keep this many newest checkpoints")
+    keep_best: int = opt(0, "also keep this many best checkpoints by best_metric (never pruned by keep_last)")
+    best_metric: str = opt("val/top1", "the metric keep_best ranks by (a loss: lower is better; else higher)")
     resume: str = opt("auto", "auto: the newest intact checkpoint of the run directory | never | PATH")
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = opt(
         ["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that request a save-and-exit (code 75) at the next step")

@@ -21,6 +21,7 @@ from ..config import DataConfig
 from ..env import DistEnv, cpus_available
 from ..errors import ConfigError, DataError
 from .augment import BatchAugment, keyed_rng
+from .mixing import BatchMixer
 from .types import DataInfo, ImageTensors, Splits
 
 RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
@@ -196,6 +197,8 @@ class TrainBatches:
         # Device augmentation for in-memory splits; file datasets (imagefolder) augment in their transforms.
         in_memory = isinstance(split, ImageTensors)
         self.augment = BatchAugment(seed, info.flips) if cfg.augment and in_memory else None
+        mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+        self.mixer = BatchMixer(seed, info.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha) if mixing else None
         self.n = len(split)
         self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=seed, drop_last=True)
@@ -220,6 +223,7 @@ class TrainBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_step = self.micro * self.accum
         idx = self.order(epoch)[start_step * per_step: self.steps_per_epoch * per_step]
+        cpu_idx = idx
         if self.resident is not None:
             idx = idx.to(self.device, non_blocking=True)
             batches = (self.resident(idx[i: i + self.micro]) for i in range(0, len(idx), self.micro))
@@ -229,6 +233,8 @@ class TrainBatches:
         for b, (x, y) in enumerate(batches):  # in order, on both paths: batch b holds idx[b*micro:(b+1)*micro]
             if self.augment is not None:
                 x = self.augment(x, epoch, idx[b * self.micro: (b + 1) * self.micro])
+            if self.mixer is not None:  # soft targets [micro, classes] from here on
+                x, y = self.mixer(x, y, epoch, cpu_idx[b * self.micro: (b + 1) * self.micro])
             yield x, y
 
     def close(self) -> None:

@@ -48,7 +48,15 @@ def transforms_for(cfg: DataConfig, mean, std):
     resize = eval_resize(size, cfg.resize_size)
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     evaluation = T.Compose([T.Resize(resize), T.CenterCrop(size), *norm])
-    train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm]) if cfg.augment else evaluation
+    if cfg.augment:
+        from torchvision.transforms import v2
+
+        # RandAugment on the PIL image, RandomErasing on the normalised tensor (as timm orders them)
+        policy = [v2.RandAugment()] if cfg.randaugment else []
+        erase = [v2.RandomErasing(p=cfg.random_erasing)] if cfg.random_erasing else []
+        train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *policy, *norm, *erase])
+    else:
+        train = evaluation
     return train, evaluation, resize
 
 

@@ -19,6 +19,7 @@ from ..env import DistEnv, agent_shutdown_timeout
 from ..errors import CheckpointError
 from ..rundir import checkpoints as ckpt
 from . import model_state
+from .best import BestCheckpoints
 from .fsdp import is_fsdp
 from .state import Stateful
 
@@ -27,13 +28,17 @@ log = logging.getLogger("ddp_train")
 
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, directory: Path, env: DistEnv, *, model, optimizer,
-                 states: dict[str, Stateful], rank_states: dict[str, Stateful], config: dict, on_saved=None):
-        clash = set(states) & (ckpt.RESERVED_KEYS | {"per_rank"})
+                 states: dict[str, Stateful], rank_states: dict[str, Stateful], config: dict, on_saved=None,
+                 modules: dict | None = None, best: BestCheckpoints | None = None):
+        """`modules`: further modules saved like the model (consolidated, and sharded under FSDP), e.g. the
+        EMA copy; `best`: the keep_best tracker whose steps pruning must spare."""
+        clash = set(states) & (ckpt.RESERVED_KEYS | {"per_rank", "modules"})
         if clash:
             raise ValueError(f"state names {sorted(clash)} are reserved by the checkpoint layout")
         self.cfg, self.directory, self.env, self.config = cfg, directory, env, config
         self.model, self.optimizer = model, optimizer
         self.states, self.rank_states = states, rank_states
+        self.modules, self.best = modules or {}, best
         self.on_saved = on_saved  # (path, step): e.g. the W&B artifact
         self.last_saved_step: int | None = None
         self.save_seconds: list[float] = []
@@ -43,7 +48,7 @@ class CheckpointManager:
     @property
     def keys(self) -> set[str]:
         """The top-level keys of this job's checkpoints."""
-        return ckpt.RESERVED_KEYS | {"per_rank"} | set(self.states)
+        return ckpt.RESERVED_KEYS | {"per_rank"} | set(self.states) | ({"modules"} if self.modules else set())
 
     def due_step(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
@@ -60,13 +65,16 @@ class CheckpointManager:
         per_rank = dist.all_gather_object({name: s.state_dict() for name, s in self.rank_states.items()})
         fsdp = is_fsdp(self.model)
         model_sd, optim_sd = {}, {}
+        modules_sd = {}
         if fsdp or self.env.is_main:  # a collective under FSDP; under DDP only the writer needs the copy
             model_sd, optim_sd = model_state.consolidated(self.model, self.optimizer)
+            modules_sd = {name: model_state.module_state(m) for name, m in self.modules.items()}
         sharded = self._save_sharded(step) if fsdp else None
         path = None
         if self.env.is_main:
             state = {"format": ckpt.FORMAT_VERSION, "model": model_sd, "optimizer": optim_sd,
                      **{name: s.state_dict() for name, s in self.states.items()}, "per_rank": per_rank,
+                     **({"modules": modules_sd} if self.modules else {}),
                      "config": self.config, "extra": {"step": step, "reason": reason, "world_size": self.env.world_size,
                                                       "time": time.time(), "sharded": sharded}}
             if reason == "preempt" and self.cfg.simulate_slow_save_s:
@@ -87,7 +95,10 @@ class CheckpointManager:
     def _write(self, step: int, state: dict) -> Path | None:
         try:
             path = ckpt.write_checkpoint(self.directory, step, state)
-            ckpt.prune(self.directory, self.cfg.keep_last)
+            protect = self.best.steps() if self.best is not None else set()
+            ckpt.prune(self.directory, self.cfg.keep_last, protect)
+            if self.best is not None and step in protect:
+                self.best.write_pointer(self.directory)
             return path
         except OSError as e:
             self.failures += 1
@@ -119,7 +130,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()
         try:
-            model_state.save_sharded(self.model, self.optimizer, tmp)
+            model_state.save_sharded(self.model, self.optimizer, tmp, self.modules)
         except Exception as e:  # DCP raises on every rank alike when one rank failed to write
             log.error("sharded checkpoint at step %d failed (%s); keeping the consolidated one only", step, e)
             return None
@@ -168,9 +179,11 @@ class CheckpointManager:
         state = ckpt.read_checkpoint(path, expected=self.keys, mmap=sharded is not None)
         try:
             if sharded is not None:  # every rank reads its own shard; nothing is gathered
-                model_state.load_sharded(self.model, self.optimizer, sharded)
+                model_state.load_sharded(self.model, self.optimizer, sharded, self.modules)
             else:  # the consolidated form: also how DDP and FSDP runs resume from each other
                 model_state.load_consolidated(self.model, self.optimizer, state["model"], state["optimizer"])
+                for name, m in self.modules.items():
+                    model_state.load_module_state(m, state["modules"][name])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this model: {_key_problem(str(e))}") from None
         for name, s in self.states.items():

@@ -30,6 +30,18 @@ def consolidated(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[di
     return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
+def module_state(module: nn.Module) -> dict:
+    """A module's full state (collective under FSDP): extra modules such as the EMA copy."""
+    return get_model_state_dict(module, options=FULL) if is_fsdp(module) else module.state_dict()
+
+
+def load_module_state(module: nn.Module, state: dict) -> None:
+    if is_fsdp(module):
+        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(state, strict=True)
+
+
 def load_consolidated(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Every rank passes the full state it read; FSDP keeps only its own shard."""
     if is_fsdp(model):
@@ -48,17 +60,24 @@ def _keyed_by_index(optim_sd: dict) -> bool:
     return bool(params) and isinstance(params[0], int)
 
 
-def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def _sharded_state(model, optimizer, modules: dict | None) -> dict:
+    modules = modules or {}
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
+            **{f"module.{name}": get_model_state_dict(m) for name, m in modules.items()}}
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, modules: dict | None = None) -> None:
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=str(directory))
+    dcp.save(_sharded_state(model, optimizer, modules), checkpoint_id=str(directory))
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, modules: dict | None = None) -> None:
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _sharded_state(model, optimizer, modules)
     dcp.load(state, checkpoint_id=str(directory))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    for name, m in (modules or {}).items():
+        set_model_state_dict(m, state[f"module.{name}"])

@@ -24,7 +24,12 @@ from ..rundir.naming import resolve_run_dir
 from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, setup_logging
 from ..tracking.sysinfo import peak_memory
 from ..usercode import is_import_path, source_dir
+from . import sync_bn
+from .best import BestCheckpoints
 from .checkpointing import CheckpointManager
+from .early_stop import EarlyStopping
+from .ema import EMA
+from .fsdp import is_fsdp, shard_model
 from .loss import build_loss
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
@@ -114,9 +119,10 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     preemption = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.simulate_preempt_at_step)
     loaders: list = []
     run_dir = None
+    restore_logging = None
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
-        setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
+        restore_logging = setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
         hosts = dist.hosts_per_rank()
         log.info("ranks per host: %s", dist.ranks_by_host(hosts))
         if env.is_main:
@@ -138,7 +144,12 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             files.write_json(run_dir / "data_info.json", files.data_info(cfg.data, info, code))
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.parallel.sync_bn and env.distributed and cfg.parallel.strategy == "ddp":
+            model = sync_bn.convert(model, device)
+        ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         wrapped = wrap(model, cfg.parallel, cfg.train, env)
+        if ema is not None and is_fsdp(model):
+            ema.shard_like(lambda module: shard_model(module, cfg.train, env))
         optimizer = build_optimizer(cfg.optim, model)
         seed_everything(cfg.run.seed + env.rank)  # dropout/augmentation: a different stream per rank
 
@@ -156,18 +167,23 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp" and env.distributed)
 
         logger = build_loggers(cfg, env, run_dir)
-        progress, window = TrainProgress(), LossWindow(device)
+        progress, window = TrainProgress(), LossWindow(device, env.rank)
+        early = EarlyStopping(cfg.train.early_stopping)
+        best = BestCheckpoints(cfg.checkpoint.keep_best, cfg.checkpoint.best_metric) if cfg.checkpoint.keep_best else None
+        states = {"progress": progress, "scheduler": scheduler, "scaler": precision, "early_stopping": early}
+        states.update({"ema": ema} if ema else {})
+        states.update({"best": best} if best else {})
         checkpointer = CheckpointManager(
-            cfg.checkpoint, run_dir / "checkpoints", env, model=model, optimizer=optimizer,
-            states={"progress": progress, "scheduler": scheduler, "scaler": precision},
-            rank_states={"rng": RNGState(device), "loss_window": window},
-            config=cfg.to_dict(), on_saved=logger.log_checkpoint)
+            cfg.checkpoint, run_dir / "checkpoints", env, model=model, optimizer=optimizer, states=states,
+            rank_states={"rng": RNGState(device), "loss_window": window}, config=cfg.to_dict(),
+            on_saved=logger.log_checkpoint, modules={"ema": ema.module} if ema else None, best=best)
         checkpointer.resume()
         progress.note_world_size(env.world_size)
         trainer = Trainer(cfg=cfg, env=env, model=model, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler,
                           precision=precision, train=train, evals=evals, num_classes=info.num_classes,
                           total_steps=total, progress=progress, window=window, logger=logger,
-                          checkpointer=checkpointer, preemption=preemption, loss_fn=loss_fn)
+                          checkpointer=checkpointer, preemption=preemption, loss_fn=loss_fn, ema=ema,
+                          early=early if early.enabled else None, best=best)
         log.info("run %s | world %d (%s, %s) | device %s | data %s: %d train / %d test, %s | global batch %d = "
                  "%d ranks x %d micro x %d accum | %d steps/epoch, %d steps total | %d threads%s", run_dir,
                  env.world_size,
@@ -209,6 +225,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             batches.close()
         preemption.restore()
         dist.teardown()
+        if restore_logging is not None:
+            restore_logging()
 
 
 def summarise(cfg: Config, env: DistEnv, trainer: Trainer, checkpointer: CheckpointManager, final: dict,
@@ -227,5 +245,8 @@ def summarise(cfg: Config, env: DistEnv, trainer: Trainer, checkpointer: Checkpo
             "global_batch_size": cfg.train.global_batch_size, "step_time_s": trainer.step_time_s(),
             "checkpoint_save_s": saves[-1] if saves else None, "checkpoint_save_max_s": max(saves, default=None),
             "checkpoint_saves": len(saves), "checkpoint_failures": checkpointer.failures,
-            "world_sizes": p.world_sizes,
+            "world_sizes": p.world_sizes, "stopped_early": trainer.stopped_early is not None,
+            **({"stopped_early_step": trainer.stopped_early["step"], "stopped_early_reason":
+                trainer.stopped_early["reason"]} if trainer.stopped_early else {}),
+            **{k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k.startswith("val_ema/")},
             "git_sha": files.git_sha(), **files.versions()}

@@ -53,30 +53,39 @@ class LossWindow:
     Checkpoints carry it per rank, so the first loss logged after a resume averages the same steps as an
     uninterrupted run's. `untimed` counts restored steps, which the throughput of the window must skip."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, rank: int = 0):
         self.sum = torch.zeros((), device=device)
+        self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # correct top-1, samples scored
         self.steps = 0
         self.untimed = 0
+        self.rank = rank
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, hits: torch.Tensor | None = None) -> None:
         self.sum += loss
+        if hits is not None:
+            self.hits += hits
         self.steps += 1
 
     def reset(self) -> None:
         self.sum.zero_()
+        self.hits.zero_()
         self.steps = self.untimed = 0
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"sum": self.sum.item(), "steps": self.steps}  # a sync, but only when saving
+    def state_dict(self) -> dict[str, Any]:  # a sync, but only when saving
+        return {"sum": self.sum.item(), "steps": self.steps, "hits": self.hits.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sum.fill_(float(state["sum"]))
+        self.hits.copy_(torch.tensor(state.get("hits", [0, 0])))
         self.steps = self.untimed = int(state["steps"])
 
     def load_from_other_world(self, states: list[dict[str, Any]]) -> None:
-        """Saved by another number of ranks: each rank takes the mean of their sums, so the first mean
-        logged after the change (all ranks' sums over ranks x steps) is still the global mean."""
+        """Saved by another number of ranks: each rank takes the mean of their loss sums, so the first mean
+        logged after the change (all ranks' sums over ranks x steps) is still the global mean; rank 0 takes
+        all the hit counts (a ratio of sums)."""
         self.sum.fill_(sum(float(s["sum"]) for s in states) / len(states))
+        hits = [sum(s.get("hits", [0, 0])[i] for s in states) for i in (0, 1)] if self.rank == 0 else [0, 0]
+        self.hits.copy_(torch.tensor(hits))
         self.steps = self.untimed = int(states[0]["steps"])
 
 

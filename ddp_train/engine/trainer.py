@@ -14,7 +14,10 @@ from ..config import Config
 from ..data import EvalBatches, TrainBatches
 from ..env import DistEnv
 from ..tracking.loggers import Logger, Progress
+from .best import BestCheckpoints
 from .checkpointing import CheckpointManager
+from .early_stop import EarlyStopping
+from .ema import EMA
 from .evaluation import evaluate
 from .loss import CrossEntropy, LossFn
 from .parallel import grad_sync
@@ -35,7 +38,8 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, scheduler, precision: Precision, train: TrainBatches,
                  evals: EvalBatches, num_classes: int, total_steps: int, progress: TrainProgress,
                  window: LossWindow, logger: Logger, checkpointer: CheckpointManager, preemption: Preemption,
-                 loss_fn: LossFn):
+                 loss_fn: LossFn, ema: EMA | None = None, early: EarlyStopping | None = None,
+                 best: BestCheckpoints | None = None):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.model, self.wrapped = model, wrapped  # `model` is unwrapped: state_dicts and evaluation
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
@@ -43,6 +47,8 @@ class Trainer:
         self.progress, self.window = progress, window
         self.logger, self.checkpointer, self.preemption = logger, checkpointer, preemption
         self.loss_fn = loss_fn
+        self.ema, self.early, self.best = ema, early, best
+        self.stopped_early: dict | None = None  # {"step", "reason"} once early stopping ends the run
         # evaluation reports plain cross-entropy (no label smoothing) unless the loss is the user's own
         self._eval_loss = None if isinstance(loss_fn, CrossEntropy) else loss_fn
         self.history: list[dict] = []  # eval results, for the summary
@@ -53,16 +59,21 @@ class Trainer:
         self._first_step = 0
 
     # ---------------------------------------------------------------------------------------- step
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """One optimizer step over one global batch; returns this rank's loss, still on the device."""
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over one global batch; returns this rank's loss and its (top-1 hits, samples)
+        counts, still on the device (soft mixup/CutMix targets count no hits: that is not accuracy)."""
         accum = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
+        hits = torch.zeros(2, dtype=torch.int64, device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             with grad_sync(self.wrapped, i == accum - 1), self.precision.autocast():
                 logits = self.wrapped(x)
                 loss = self.loss_fn(logits.float(), y)
                 self.precision.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach() / accum
+            if y.dim() == 1:
+                hits[0] += (logits.detach().argmax(1) == y).sum()
+                hits[1] += len(y)
         scaler = self.precision.scaler
         if self.cfg.train.grad_clip is not None:
             scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
@@ -71,7 +82,9 @@ class Trainer:
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_sum
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss_sum, hits
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> dict:
@@ -81,13 +94,15 @@ class Trainer:
         self._fit_start = window_start = time.perf_counter()
         self._first_step = p.step
         self.wrapped.train()
+        if self.early is not None and self.early.reason:  # resumed from the run's own early stop
+            self.stopped_early = {"step": self.early.stopped_at, "reason": self.early.reason}
         try:
-            if p.epoch_done(self.train.steps_per_epoch) and p.step < self.total_steps:
+            if self.stopped_early is None and p.epoch_done(self.train.steps_per_epoch) and p.step < self.total_steps:
                 self._end_epoch()  # resumed from the last step of an epoch, before its evaluation
-            while p.step < self.total_steps:
-                loss = self.train_step(self._next(batches))
+            while p.step < self.total_steps and self.stopped_early is None:
+                loss, hits = self.train_step(self._next(batches))
                 p.stepped()
-                self.window.add(loss)
+                self.window.add(loss, hits)
                 bar.update(1)
                 if p.step == self._first_step + WARM_STEPS:
                     dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
@@ -102,6 +117,8 @@ class Trainer:
                     self._save("step")
                 if p.epoch_done(self.train.steps_per_epoch):
                     self._end_epoch()
+                if self.stopped_early is not None:
+                    break
         finally:
             self.preemption.settle()  # no vote left in flight when the loop ends, however it ends
             bar.close()
@@ -109,7 +126,12 @@ class Trainer:
             self._fit_start = None
         if p.epoch_done(self.train.steps_per_epoch):
             p.next_epoch()  # the last step closed an epoch: the final evaluation covers it
-        final = self.run_eval()
+        if self.history and self.history[-1]["step"] == p.step:
+            final = self.last_eval  # early stopping just evaluated this very model
+        else:
+            final = self.run_eval()
+            if self.best is not None:
+                self.best.offer(p.step, self.history[-1])  # the final checkpoint may be the best too
         self._save("final")
         return final
 
@@ -134,11 +156,18 @@ class Trainer:
         return micro
 
     def _end_epoch(self) -> None:
-        self.progress.next_epoch()
-        if self.progress.epoch % self.cfg.train.eval_every_epochs == 0:
+        p = self.progress
+        p.next_epoch()
+        best = False
+        if p.epoch % self.cfg.train.eval_every_epochs == 0:
             self.run_eval()
-        if self.checkpointer.due_epoch(self.progress.epoch):
-            self._save("epoch")
+            metrics = self.history[-1]
+            best = self.best is not None and self.best.offer(p.step, metrics)
+            if self.early is not None and self.early.update(metrics, p.step):
+                self.stopped_early = {"step": p.step, "reason": self.early.reason}
+                log.warning("early stopping: %s", self.early.reason)
+        if self.checkpointer.due_epoch(p.epoch) or best:
+            self._save("epoch" if self.checkpointer.due_epoch(p.epoch) else "best")
 
     def _save(self, reason: str) -> None:
         self.checkpointer.save(self.progress.step, reason, self.step_time_s())
@@ -148,11 +177,14 @@ class Trainer:
         # at any world size.
         w = self.window
         timed = w.steps - w.untimed  # steps restored from a checkpoint were not timed in this process
-        mean = dist.all_reduce_sum(w.sum.detach().clone()).item() / (w.steps * self.env.world_size)
-        metrics = {"epoch": self.progress.epoch, "train/loss": mean, "train/lr": self.scheduler.get_last_lr()[0],
+        packed = dist.all_reduce_sum(torch.cat([w.sum.detach().double().view(1), w.hits.double()])).tolist()
+        metrics = {"epoch": self.progress.epoch, "train/loss": packed[0] / (w.steps * self.env.world_size)}
+        if packed[2]:  # not on mixed (soft-target) batches
+            metrics["train/top1"] = packed[1] / packed[2]
+        metrics.update({"train/lr": self.scheduler.get_last_lr()[0],
                    "train/samples_per_s": timed * self.cfg.train.global_batch_size / max(seconds, 1e-9),
                    "train/step_time_s": seconds / max(timed, 1),
-                   "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))}
+                   "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))})
         self._window_wait_s = 0.0
         if self.device.type == "cuda":
             metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -166,8 +198,14 @@ class Trainer:
                           loss_fn=self._eval_loss)
         metrics = {"epoch": self.progress.epoch, "val/loss": result["loss"], "val/top1": result["top1"],
                    "val/top5": result["top5"], "val/count": result["count"]}
+        if self.ema is not None:  # the averaged weights, on the same batches
+            dist.broadcast_buffers(self.ema.module)
+            ema = evaluate(self.ema.module, self.evals, self.num_classes, self.device, self.precision.autocast,
+                           dummy, loss_fn=self._eval_loss)
+            metrics.update({"val_ema/loss": ema["loss"], "val_ema/top1": ema["top1"], "val_ema/top5": ema["top5"]})
         self.logger.log_metrics(metrics, self.progress.step)
         self.history.append({"step": self.progress.step, **metrics})
+        self.last_eval = result
         return result
 
     def _preempt(self) -> None:

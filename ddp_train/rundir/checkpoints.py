@@ -167,13 +167,31 @@ def _upgrade_from_1(state: dict[str, Any]) -> dict[str, Any]:
     return {**upgraded, "format": FORMAT_VERSION, "per_rank": per_rank, "extra": extra}
 
 
-def prune(directory: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and stale temp files."""
+BEST_FILE = "best.json"  # written by the engine's keep_best: {"file", "step", "metric", "value", "kept"}
+
+
+def best_checkpoint(directory: Path) -> Path:
+    """The checkpoint checkpoint.keep_best names as the best; CheckpointError when there is none."""
+    pointer = Path(directory) / BEST_FILE
+    if not pointer.is_file():
+        raise CheckpointError(f"{directory} has no {BEST_FILE}: the run did not set checkpoint.keep_best")
+    return Path(directory) / json.loads(pointer.read_text())["file"]
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def prune(directory: Path, keep_last: int, protect: set[int] = frozenset()) -> None:
+    """Keep the newest `keep_last` complete checkpoints and those at the `protect`ed steps (the best);
+    drop older ones and stale temp files."""
     for tmp in directory.glob("*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     everything = list_checkpoints(directory)
     complete = [p for p in everything if p.with_suffix(".json").is_file()]
     for old in complete[keep_last:]:
+        if step_of(old) in protect:
+            continue
         old.with_suffix(".json").unlink(missing_ok=True)  # manifest first: never a manifest without data
         old.unlink(missing_ok=True)
     if complete:  # data files left without a manifest by a crash, older than a complete checkpoint

@@ -16,8 +16,22 @@ from ..models import build_model
 from . import checkpoints as ckpt
 
 
-def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Config, DataInfo, nn.Module, Path, int]:
-    """(config, data info, model in eval mode on CPU, checkpoint path, step)."""
+def add_checkpoint_args(parser) -> None:
+    """--checkpoint / --best / --ema: which weights the evaluate, export and predict tools load."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", default=None, help="default: the newest intact checkpoint of the run")
+    which.add_argument("--best", action="store_true", help="the checkpoint checkpoint.keep_best ranked best")
+    parser.add_argument("--ema", action="store_true", help="the EMA weights (train.ema_decay) instead of the raw ones")
+
+
+def from_args(args) -> tuple[Config, DataInfo, nn.Module, Path, int]:
+    return load_trained(args.run_dir, args.checkpoint, best=args.best, ema=args.ema)
+
+
+def load_trained(run_dir: str | Path, checkpoint: str | None = None, *, best: bool = False,
+                 ema: bool = False) -> tuple[Config, DataInfo, nn.Module, Path, int]:
+    """(config, data info, model in eval mode on CPU, checkpoint path, step). `best`: the checkpoint
+    checkpoint.keep_best named best; `ema`: the moving average of the weights instead of the raw ones."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -34,6 +48,8 @@ def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Co
     info.resize = meta.get("resize")  # type: ignore[attr-defined]
     if checkpoint:
         path = Path(checkpoint)
+    elif best:
+        path = ckpt.best_checkpoint(run_dir / "checkpoints")
     else:
         path = ckpt.newest_valid(run_dir / "checkpoints")
         if path is None:
@@ -41,8 +57,13 @@ def load_trained(run_dir: str | Path, checkpoint: str | None = None) -> tuple[Co
     state = ckpt.read_checkpoint(path)
     cfg.model.pretrained = None  # the checkpoint has the weights; never read the pretrained file again
     model = build_model(cfg.model, info)
+    weights = state["model"]
+    if ema:
+        weights = (state.get("modules") or {}).get("ema")
+        if weights is None:
+            raise CheckpointError(f"{path} holds no EMA weights: the run did not set train.ema_decay")
     try:
-        model.load_state_dict(state["model"], strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit model.name={cfg.model.name}: {str(e).splitlines()[0]}") from None
     model.eval()

@@ -96,8 +96,12 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
+def setup_logging(is_main: bool, log_file: Path | None = None):
+    """Points the "ddp_train" logger at the console (and train.log); returns a callable that puts the
+    logger back as it was and closes the file, so an in-process run (ddp_train.fit, a notebook, a test)
+    leaves neither an open train.log nor a logger that no longer reaches the caller's handlers."""
     logger = logging.getLogger("ddp_train")
+    before = (list(logger.handlers), logger.propagate, logger.level)
     logger.handlers.clear()
     logger.propagate = False
     # Non-zero ranks print nothing but errors.
@@ -109,6 +113,13 @@ def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(fh)
+
+    def restore() -> None:
+        for handler in logger.handlers:
+            handler.close()
+        logger.handlers[:] = before[0]
+        logger.propagate, logger.level = before[1], before[2]
+    return restore
 
 
 class Progress:

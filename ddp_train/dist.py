@@ -33,6 +33,8 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: int = 600, init_timeout
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = env.device  # eager NCCL init: a bad GPU fails here, not at the first step
+        # NCCL's flight recorder: the last collectives of each rank, dumped by the hang sentinel
+        setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000", overwrite=False)
     global _TRAINING_TIMEOUT
     _TRAINING_TIMEOUT = datetime.timedelta(seconds=timeout_s)
     # Until training is warm (start-up, resume, the first compiling steps) every group waits as long as
@@ -97,6 +99,20 @@ def _resolve(name: str) -> str | None:
         return socket.gethostbyname(name)
     except OSError:
         return None
+
+
+def side_store(env: DistEnv, timeout_s: float):
+    """A client of the job's TCPStore (torchrun's agent store, or rank 0's under plain env://) of its own,
+    with a short timeout: for the hang sentinel's thread, which must neither share the main thread's
+    client nor block for the collective timeout when the store's host is frozen. None on one process."""
+    if not env.distributed:
+        return None
+    try:
+        base = dist.TCPStore(env.master_addr, env.master_port, is_master=False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # no store to reach (a custom init method): the sentinel watches this rank alone
+        return None
+    return dist.PrefixStore(f"ddp_train/sentinel/attempt_{restart_count()}", base)
 
 
 def teardown() -> None:

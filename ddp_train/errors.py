@@ -7,6 +7,8 @@ import sys
 
 USER_ERROR_EXIT = 2  # a mistake the user can fix, reported before training starts
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL, "try again later": the checkpoint is saved, requeue me
+DIVERGED_EXIT = 3  # non-finite gradients again after a rollback: rerunning the same config will not help
+HUNG_EXIT = 4  # no step completed within parallel.hang_timeout_s: hang/report.txt names the ranks behind
 
 
 class UserError(Exception):

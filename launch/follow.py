@@ -2,6 +2,7 @@
 fails say which rank failed, why (exit code/signal/state in words) and show its last log lines."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,10 @@ def explain(st: JobStatus) -> str:
         return "preempted/timed out more often than --max-requeues allows: resubmit to resume from the checkpoint"
     if st.exit_code == 2:
         return "a configuration or input error (the one-line error above names it)"
+    if st.exit_code == 3:
+        return "diverged: non-finite gradients again after a rollback (the line above says where; lower optim.lr)"
+    if st.exit_code == 4:
+        return "hung: no training step within parallel.hang_timeout_s (hang/report.txt names the ranks behind)"
     if st.exit_code == 1:
         return "a Python exception (traceback above)"
     if st.signal:
@@ -102,6 +107,7 @@ def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15
              + (f", signal {st.signal}" if st.signal else "") + f"): rank {rank}"
              + (f" on {failure.host}" if failure.host else "") + (f" ({words})" if words else "")
              + f" -- {explain(st)}"]
+    lines += hang_lines(logs)
     fault = node_at_fault(failure, logs, node_addresses())
     if fault:
         lines.append(f"launch.slurm: node {fault[0]} looks at fault ({fault[1]}): resubmit with --exclude {fault[0]}")
@@ -110,6 +116,23 @@ def triage(folder: Path, job_id: str, ntasks: int, st: JobStatus, tail: int = 15
     lines.append(f"last lines of rank {rank} ({paths.stderr}):")
     lines += [f"  {ln}" for ln in own[-tail:]]
     return "\n".join(lines), st.exit_code
+
+
+HANG_LINE = re.compile(r"stacks and report in (\S+), exiting with code")
+
+
+def hang_lines(logs: dict[int, str]) -> list[str]:
+    """The hang sentinel's verdict: the 'behind:' lines of the report a rank named in its log."""
+    for text in logs.values():
+        m = HANG_LINE.search(text)
+        if m:
+            report = Path(m[1]) / "report.txt"
+            try:
+                behind = [ln for ln in report.read_text().splitlines() if ln.startswith("behind:")]
+            except OSError:
+                return [f"launch.slurm: hang detected; no report at {report}"]
+            return [f"launch.slurm: hang: {ln[len('behind: '):]} (report: {report})" for ln in behind]
+    return []
 
 
 class Tail:

@@ -257,6 +257,22 @@ def slow_quadrants(root, delay=0.0, **kwargs):
         _slept.append(delay)
     return quadrants(root, **kwargs)
 
+class RankSlow(Quadrants):
+    """Every sample costs `delay_s` on one rank only: a slow node's input pipeline."""
+    def __init__(self, n, seed, noise, delay_s, slow_rank):
+        super().__init__(n, seed, noise)
+        import os
+        self.delay_s = delay_s if int(os.environ.get("RANK", "0")) == slow_rank else 0.0
+
+    def __getitem__(self, i):
+        if self.delay_s:
+            import time
+            time.sleep(self.delay_s)
+        return super().__getitem__(i)
+
+def rank_slow_quadrants(root, delay_s=0.002, slow_rank=1, n_train=512, n_test=200, noise=0.3):
+    return RankSlow(n_train, 0, noise, delay_s, slow_rank), Quadrants(n_test, 1, noise)
+
 class Bad(Dataset):
     def __len__(self):
         return 4

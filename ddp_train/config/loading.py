@@ -287,6 +287,22 @@ def validate(cfg: Config) -> None:
     _require(not (cfg.parallel.strategy == "fsdp" and t.precision == "fp16"), "train.precision",
              "fp16 is not supported with parallel.strategy=fsdp; use bf16 (or fp32)", t.precision)
     p = cfg.parallel
+    _require(p.hang_timeout_s >= 0, "parallel.hang_timeout_s", "must be >= 0 (0: off)", p.hang_timeout_s)
+    _require(p.hang_timeout_s == 0 or p.hang_timeout_s >= 5, "parallel.hang_timeout_s",
+             "must be at least 5 s (a heartbeat goes every few seconds), or 0 for off", p.hang_timeout_s)
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
+    _require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null", t.peak_tflops)
+    _require(cfg.log.straggler_factor > 1, "log.straggler_factor", "must be > 1", cfg.log.straggler_factor)
+    pr = cfg.profile
+    _require(pr.steps is None or (len(pr.steps) == 2 and 1 <= pr.steps[0] <= pr.steps[1]), "profile.steps",
+             "must be [first, last] with 1 <= first <= last (e.g. profile.steps=[10,12]), or null", pr.steps)
+    _require(all(r >= 0 for r in pr.ranks), "profile.ranks", "must be ranks >= 0", pr.ranks)
+    if cfg.log.tensorboard:
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "log.tensorboard",
+                 "needs the tensorboard package: pip install 'ddp_train[tensorboard]' (or set log.tensorboard=false)",
+                 True)
     _require(p.timeout_s >= 1, "parallel.timeout_s", "must be >= 1", p.timeout_s)
     _require(p.init_timeout_s >= 1, "parallel.init_timeout_s", "must be >= 1", p.init_timeout_s)
     _require(p.shutdown_timeout_s >= 1, "parallel.shutdown_timeout_s", "must be >= 1", p.shutdown_timeout_s)

@@ -117,6 +117,11 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = section(EarlyStoppingConfig, "stop when a metric stops improving")
     cudnn_benchmark: bool = opt(True, "autotune convolution kernels (CUDA)")
     tf32: bool = opt(True, "TF32 matmuls/convolutions for fp32 on Ampere and newer")
+    nan_guard: bool = opt(True, "skip steps whose global gradient norm is not finite (one host sync per step)")
+    max_bad_steps: int = opt(10, "this many non-finite steps in a row: roll back to the newest checkpoint and "
+                                 "skip those batches; a second time: stop with exit code 3")
+    peak_tflops: float | None = opt(None, "the device's peak TFLOP/s for MFU; null: a table of known GPUs "
+                                          "(dense bf16), none on CPU")
 
 
 @dataclass
@@ -125,6 +130,8 @@ class ParallelConfig:
     backend: Literal["auto", "nccl", "gloo"] = opt("auto", "process-group backend; auto: nccl on GPUs, gloo on CPU")
     timeout_s: int = opt(600, "collective timeout once training is warm: a hung or dead rank ends the job")
     sync_bn: bool = opt(False, "BatchNorm statistics over the global batch (SyncBatchNorm) under DDP")
+    hang_timeout_s: int = opt(300, "no training step for this long: dump every rank's stacks, write "
+                                   "hang/report.txt and exit with code 4 (0: off)")
     init_timeout_s: int = opt(3600, "timeout while one rank works alone (data preparation, checkpoint writes) "
                                     "and before the first steps")
     shutdown_timeout_s: int = opt(120, "seconds torchrun gives workers between SIGTERM and SIGKILL (passed by "
@@ -162,7 +169,18 @@ class WandbConfig:
 @dataclass
 class LogConfig:
     progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
+    tensorboard: bool = opt(False, "also write the metrics as TensorBoard events under RUN_DIR/tb/")
+    straggler_factor: float = opt(1.5, "warn once when one rank's own time per step (data wait + forward) is "
+                                       "this many times the median rank's for 3 log intervals")
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases, from rank 0")
+
+
+@dataclass
+class ProfileConfig:
+    steps: list[int] | None = opt(None, "[first, last] optimizer steps to record with torch.profiler into "
+                                        "RUN_DIR/profile/; null: off")
+    ranks: list[int] = opt([0], "the ranks that record")
+    record_shapes: bool = opt(False, "record input shapes (larger traces)")
 
 
 @dataclass
@@ -176,6 +194,7 @@ class Config:
     parallel: ParallelConfig = section(ParallelConfig, "distribution")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints, resume and preemption")
     log: LogConfig = section(LogConfig, "console and tracking")
+    profile: ProfileConfig = section(ProfileConfig, "torch.profiler window")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

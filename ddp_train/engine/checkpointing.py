@@ -24,6 +24,8 @@ from .fsdp import is_fsdp
 from .state import Stateful
 
 log = logging.getLogger("ddp_train")
+# States added after checkpoint format 2 was fixed: a checkpoint without them still loads.
+OPTIONAL_STATES = {"early_stopping", "nan_guard", "metrics_log"}
 
 
 class CheckpointManager:
@@ -141,14 +143,14 @@ class CheckpointManager:
         return final.name
 
     # --------------------------------------------------------------------------------------- resume
-    def _choose(self, fsdp: bool) -> tuple[str, str | None] | None:
+    def _choose(self, fsdp: bool, mode: str | None = None, before: int | None = None) -> tuple[str, str | None] | None:
         """(checkpoint, its sharded directory when this job resumes from the shards): decided on rank 0 and
         shared, so no rank takes the other path because a shared filesystem showed it a directory late."""
-        mode = self.cfg.resume
+        mode = mode or self.cfg.resume
         if mode == "never":
             return None
         if mode == "auto":
-            path = ckpt.newest_valid(self.directory)
+            path = ckpt.newest_valid(self.directory, before)
             if path is None:
                 return None
         else:
@@ -166,17 +168,22 @@ class CheckpointManager:
                 sharded = str(shards)
         return str(path), sharded
 
-    def resume(self) -> Path | None:
+    def rollback(self, before: int) -> Path | None:
+        """The NaN guard's way back: the newest intact checkpoint of this run older than step `before`,
+        whatever checkpoint.resume says."""
+        return self.resume(mode="auto", before=before)
+
+    def resume(self, mode: str | None = None, before: int | None = None) -> Path | None:
         """Restores the newest good checkpoint (or the configured one) on every rank; all ranks must
         end on the same step. Returns the path, or None for a fresh start."""
-        chosen = dist.decide_on_main(self.env, self._choose, is_fsdp(self.model))  # waits for the slowest rank
+        chosen = dist.decide_on_main(self.env, self._choose, is_fsdp(self.model), mode, before)  # waits for the slowest
         if chosen is None:
             return None
         start = time.perf_counter()  # the load itself, not the wait for the other ranks
         path, sharded = Path(chosen[0]), chosen[1] and Path(chosen[1])
         # mmap only for the shards' path, which never reads the full tensors: optimizer.load_state_dict
         # keeps CPU tensors as given, and a mapped file stays mapped after pruning (NFS: .nfsXXXX files).
-        state = ckpt.read_checkpoint(path, expected=self.keys, mmap=sharded is not None)
+        state = ckpt.read_checkpoint(path, expected=self.keys, mmap=sharded is not None, optional=OPTIONAL_STATES)
         try:
             if sharded is not None:  # every rank reads its own shard; nothing is gathered
                 model_state.load_sharded(self.model, self.optimizer, sharded, self.modules)
@@ -187,7 +194,8 @@ class CheckpointManager:
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this model: {_key_problem(str(e))}") from None
         for name, s in self.states.items():
-            s.load_state_dict(state[name])
+            if name in state:  # an optional state a checkpoint of an earlier version lacks keeps its start
+                s.load_state_dict(state[name])
         self._load_rank_states(state["per_rank"])
         step = int(state["extra"]["step"])
         steps = dist.all_gather_object(step)

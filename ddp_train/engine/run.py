@@ -17,11 +17,11 @@ from ..config import Config, micro_batch_size, total_steps
 from ..data import EvalBatches, TrainBatches, load_distributed, use_device_resident
 from ..data.user import object_source, user_source
 from ..env import DistEnv, cpus_available, from_env, getenv
-from ..errors import PREEMPTED_EXIT
+from ..errors import DIVERGED_EXIT, PREEMPTED_EXIT
 from ..models import build_model
 from ..rundir import files
 from ..rundir.naming import resolve_run_dir
-from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, setup_logging
+from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NoState, setup_logging
 from ..tracking.sysinfo import peak_memory
 from ..usercode import is_import_path, source_dir
 from . import sync_bn
@@ -31,6 +31,8 @@ from .early_stop import EarlyStopping
 from .ema import EMA
 from .fsdp import is_fsdp, shard_model
 from .loss import build_loss
+from .nan_guard import Diverged
+from .observe import build_observers, summary_fields
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision, configure_backends
@@ -47,16 +49,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> Logger:
-    """Rank 0's console, metrics.jsonl and W&B; the do-nothing Logger elsewhere."""
+def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> tuple[Logger, JsonlLogger | NoState]:
+    """Rank 0's console, metrics.jsonl, W&B and TensorBoard; the do-nothing Logger elsewhere. Also the
+    state that keeps metrics.jsonl in step with the checkpoints (NoState on the other ranks)."""
     if not env.is_main:
-        return Logger()
-    loggers: list[Logger] = [ConsoleLogger(), JsonlLogger(run_dir / "metrics.jsonl")]
+        return Logger(), NoState()
+    history = JsonlLogger(run_dir / "metrics.jsonl")
+    loggers: list[Logger] = [ConsoleLogger(), history]
     if cfg.log.wandb.mode != "disabled":
         from ..tracking.wandb_logger import WandbLogger
 
         loggers.append(WandbLogger(cfg, env, run_dir))
-    return MultiLogger(loggers)
+    if cfg.log.tensorboard:
+        from ..tracking.tensorboard_logger import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir / "tb"))
+    return MultiLogger(loggers), history
 
 
 @dataclass
@@ -96,6 +104,14 @@ def model_factory(given: Any):
     return (lambda **_: given), True
 
 
+def sample_shape(evals: EvalBatches) -> tuple[int, ...] | None:
+    """One input's shape, for the FLOP count (None when the inputs are not plain tensors)."""
+    try:
+        return tuple(evals.dummy_input().shape[1:])
+    except Exception:
+        return None
+
+
 def intra_op_threads(env: DistEnv, workers: int) -> int:
     """Unless OMP_NUM_THREADS says otherwise: the rank's share of the CPUs, less its DataLoader workers.
     torch's default (every core) oversubscribes them, and OpenMP threads that spin while a worker holds
@@ -120,6 +136,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     loaders: list = []
     run_dir = None
     restore_logging = None
+    obs = None
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
         restore_logging = setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
@@ -166,11 +183,13 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         # FSDP2 casts through its policy; one process is not sharded, so it keeps autocast like DDP
         precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp" and env.distributed)
 
-        logger = build_loggers(cfg, env, run_dir)
+        logger, history = build_loggers(cfg, env, run_dir)
+        obs = build_observers(cfg, env, run_dir, hosts, info, factory, sample_shape(evals), logger)
         progress, window = TrainProgress(), LossWindow(device, env.rank)
         early = EarlyStopping(cfg.train.early_stopping)
         best = BestCheckpoints(cfg.checkpoint.keep_best, cfg.checkpoint.best_metric) if cfg.checkpoint.keep_best else None
-        states = {"progress": progress, "scheduler": scheduler, "scaler": precision, "early_stopping": early}
+        states = {"progress": progress, "scheduler": scheduler, "scaler": precision, "early_stopping": early,
+                  "nan_guard": obs.guard, "metrics_log": history}
         states.update({"ema": ema} if ema else {})
         states.update({"best": best} if best else {})
         checkpointer = CheckpointManager(
@@ -183,7 +202,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
                           precision=precision, train=train, evals=evals, num_classes=info.num_classes,
                           total_steps=total, progress=progress, window=window, logger=logger,
                           checkpointer=checkpointer, preemption=preemption, loss_fn=loss_fn, ema=ema,
-                          early=early if early.enabled else None, best=best)
+                          early=early if early.enabled else None, best=best, **obs.trainer_kwargs())
         log.info("run %s | world %d (%s, %s) | device %s | data %s: %d train / %d test, %s | global batch %d = "
                  "%d ranks x %d micro x %d accum | %d steps/epoch, %d steps total | %d threads%s", run_dir,
                  env.world_size,
@@ -200,6 +219,9 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)
             summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
             summary["hosts_per_rank"] = hosts
+            summary.update(summary_fields(obs, trainer.tflops))
+            for row, m in zip(summary["per_rank"], memory):
+                row["peak_rss_gb"] = m["peak_rss_gb"]
             if device.type == "cuda":
                 summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             files.write_json(run_dir / "summary.json", summary)
@@ -211,6 +233,11 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
                      final["top1"], final["top5"], final["loss"], summary["samples_per_s"], summary["wall_time_s"])
         logger.finish(0)
         return Outcome(0, run_dir)
+    except Diverged as e:
+        if env.is_main:  # every rank agreed (the norm is global): one line
+            log.error("%s", e)
+        logger.finish(DIVERGED_EXIT)
+        return Outcome(DIVERGED_EXIT, run_dir)
     except Preempted:
         logger.finish(PREEMPTED_EXIT)
         if on_preempted is not None and env.is_main:
@@ -221,6 +248,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         logger.finish(1)
         raise
     finally:
+        if obs is not None and obs.sentinel is not None:
+            obs.sentinel.stop()
         for batches in loaders:
             batches.close()
         preemption.restore()

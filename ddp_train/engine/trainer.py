@@ -14,19 +14,35 @@ from ..config import Config
 from ..data import EvalBatches, TrainBatches
 from ..env import DistEnv
 from ..tracking.loggers import Logger, Progress
+from ..tracking.profiling import ProfileWindow
+from ..tracking.rank_stats import RankStats
 from .best import BestCheckpoints
 from .checkpointing import CheckpointManager
 from .early_stop import EarlyStopping
 from .ema import EMA
 from .evaluation import evaluate
 from .loss import CrossEntropy, LossFn
+from .nan_guard import Diverged, NanGuard, spans
 from .parallel import grad_sync
 from .precision import Precision
 from .preempt import Preemption
+from .sentinel import HangSentinel
 from .state import LossWindow, TrainProgress
 
 log = logging.getLogger("ddp_train")
 WARM_STEPS = 2  # start-up, resume and the first (compiling) step run under parallel.init_timeout_s
+
+
+def global_grad_norm(wrapped: nn.Module, clip: float | None) -> torch.Tensor:
+    """The total gradient norm over every rank's gradients (FSDP2 reduces it across shards), clipping to
+    `clip` when set; without a clip only the norm (one pass over the gradients, no rescale)."""
+    if clip is not None or not hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip if clip is not None else float("inf"))
+    grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
 
 
 class Preempted(Exception):
@@ -39,7 +55,9 @@ class Trainer:
                  evals: EvalBatches, num_classes: int, total_steps: int, progress: TrainProgress,
                  window: LossWindow, logger: Logger, checkpointer: CheckpointManager, preemption: Preemption,
                  loss_fn: LossFn, ema: EMA | None = None, early: EarlyStopping | None = None,
-                 best: BestCheckpoints | None = None):
+                 best: BestCheckpoints | None = None, guard: NanGuard | None = None,
+                 sentinel: HangSentinel | None = None, stats: RankStats | None = None,
+                 profiler: ProfileWindow | None = None, flops: dict | None = None, peak_tflops: float | None = None):
         self.cfg, self.env, self.device = cfg, env, env.device
         self.model, self.wrapped = model, wrapped  # `model` is unwrapped: state_dicts and evaluation
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
@@ -48,6 +66,11 @@ class Trainer:
         self.logger, self.checkpointer, self.preemption = logger, checkpointer, preemption
         self.loss_fn = loss_fn
         self.ema, self.early, self.best = ema, early, best
+        self.guard = guard or NanGuard(False, 1)
+        self.sentinel, self.stats, self.profiler = sentinel, stats, profiler
+        self.flops, self.peak_tflops = flops, peak_tflops
+        self.tflops: list[float] = []  # per log window, for the summary
+        self.rolled_back_to: int | None = None
         self.stopped_early: dict | None = None  # {"step", "reason"} once early stopping ends the run
         # evaluation reports plain cross-entropy (no label smoothing) unless the loss is the user's own
         self._eval_loss = None if isinstance(loss_fn, CrossEntropy) else loss_fn
@@ -59,32 +82,39 @@ class Trainer:
         self._first_step = 0
 
     # ---------------------------------------------------------------------------------------- step
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over one global batch; returns this rank's loss and its (top-1 hits, samples)
-        counts, still on the device (soft mixup/CutMix targets count no hits: that is not accuracy)."""
+        counts, still on the device (soft mixup/CutMix targets count no hits: that is not accuracy), and
+        whether the step was applied (False: the NaN guard found a non-finite gradient norm)."""
         accum = len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
         hits = torch.zeros(2, dtype=torch.int64, device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             with grad_sync(self.wrapped, i == accum - 1), self.precision.autocast():
+                timed = self.stats.forward_started() if self.stats else None
                 logits = self.wrapped(x)
                 loss = self.loss_fn(logits.float(), y)
+                if self.stats:
+                    self.stats.forward_done(timed)
                 self.precision.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach() / accum
             if y.dim() == 1:
                 hits[0] += (logits.detach().argmax(1) == y).sum()
                 hits[1] += len(y)
-        scaler = self.precision.scaler
-        if self.cfg.train.grad_clip is not None:
+        scaler, clip = self.precision.scaler, self.cfg.train.grad_clip
+        applied = True
+        if clip is not None or self.guard.enabled:
             scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.cfg.train.grad_clip)
-        scaler.step(self.optimizer)
-        scaler.update()
+            norm = global_grad_norm(self.wrapped, clip)
+            applied = not self.guard.enabled or self.guard.finite(norm)  # the same on every rank
+        if applied:
+            scaler.step(self.optimizer)
+        scaler.update()  # fp16: a skipped step lowers the loss scale, as GradScaler's own skip does
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
+        if self.ema is not None and applied:
             self.ema.update(self.model)
-        return loss_sum, hits
+        return loss_sum, hits, applied
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> dict:
@@ -94,19 +124,41 @@ class Trainer:
         self._fit_start = window_start = time.perf_counter()
         self._first_step = p.step
         self.wrapped.train()
+        if self.sentinel is not None:
+            self.sentinel.start(p.step)
         if self.early is not None and self.early.reason:  # resumed from the run's own early stop
             self.stopped_early = {"step": self.early.stopped_at, "reason": self.early.reason}
         try:
             if self.stopped_early is None and p.epoch_done(self.train.steps_per_epoch) and p.step < self.total_steps:
                 self._end_epoch()  # resumed from the last step of an epoch, before its evaluation
             while p.step < self.total_steps and self.stopped_early is None:
-                loss, hits = self.train_step(self._next(batches))
+                self._phase("data")
+                micro = self._next(batches)
+                if self.profiler is not None:
+                    self.profiler.before_step(p.step + 1)
+                self._phase("step")
+                if p.step + 1 in self.guard.skip_steps:  # a batch that went bad before the rollback
+                    applied = None
+                    self.scheduler.step()
+                else:
+                    loss, hits, applied = self.train_step(micro)
                 p.stepped()
-                self.window.add(loss, hits)
+                self._progressed()
+                if self.profiler is not None:
+                    self.profiler.after_step(p.step)
+                if applied:
+                    self.window.add(loss, hits)
+                if applied is not None and self.guard.record(p.step, applied):
+                    self._rollback()
+                    batches = self._global_batches()
+                    continue
                 bar.update(1)
                 if p.step == self._first_step + WARM_STEPS:
                     dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
+                    if self.sentinel is not None:
+                        self.sentinel.warm = True
                 if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
+                    self._phase("log")
                     self._log_train(time.perf_counter() - window_start)
                     window_start = time.perf_counter()
                 if self.preemption.due(p.step):  # a signal on any rank, one step late; or simulated
@@ -121,6 +173,8 @@ class Trainer:
                     break
         finally:
             self.preemption.settle()  # no vote left in flight when the loop ends, however it ends
+            if self.profiler is not None:
+                self.profiler.close()
             bar.close()
             self.train_time += time.perf_counter() - self._fit_start
             self._fit_start = None
@@ -133,7 +187,41 @@ class Trainer:
             if self.best is not None:
                 self.best.offer(p.step, self.history[-1])  # the final checkpoint may be the best too
         self._save("final")
+        if self.sentinel is not None:
+            self.sentinel.stop()
         return final
+
+    def _phase(self, name: str) -> None:
+        if self.sentinel is not None:
+            self.sentinel.enter(name)
+
+    def _progressed(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.progressed(self.progress.step)
+
+    def _rollback(self) -> None:
+        """max_bad_steps non-finite steps in a row: back to the newest checkpoint, those batches skipped
+        from now on; the second time, Diverged. Every rank gets here at the same step (the norm is global)."""
+        bad = self.guard.streak
+        where = f"non-finite gradient norm at steps {spans(bad)} ({len(bad)} in a row)"
+        advice = "lower optim.lr, set train.grad_clip, or use train.precision=fp32"
+        if self.guard.rollbacks >= 1:
+            raise Diverged(f"diverged: {where}, again after rolling back to step {self.rolled_back_to}; {advice}")
+        first = bad[0]
+        self.guard.rolled_back()
+        keep = self.guard.state_dict()
+        self._phase("checkpoint")
+        path = self.checkpointer.rollback(before=first)
+        if path is None:
+            raise Diverged(f"diverged: {where} and no checkpoint to roll back to (checkpoint.every_steps saves "
+                           f"more often); {advice}")
+        self.guard.load_state_dict(keep)  # the checkpoint's own guard state predates the streak
+        self.rolled_back_to = self.progress.step
+        self._progressed()
+        log.warning("%s: rolled back to step %d (%s); those global batches are skipped from now on", where,
+                    self.progress.step, path.name)
+        if self.progress.epoch_done(self.train.steps_per_epoch):
+            self._end_epoch()
 
     def _global_batches(self):
         """Endless: the micro-batches of the next optimizer step, epoch after epoch, from where the progress
@@ -170,7 +258,12 @@ class Trainer:
             self._save("epoch" if self.checkpointer.due_epoch(p.epoch) else "best")
 
     def _save(self, reason: str) -> None:
+        if self.guard.streak and reason != "preempt":
+            return  # no scheduled checkpoint of a run that is producing non-finite steps: keep_last would
+            # prune the good ones the rollback needs
+        self._phase("checkpoint")
         self.checkpointer.save(self.progress.step, reason, self.step_time_s())
+        self._progressed()
 
     def _log_train(self, seconds: float) -> None:
         # The one host-device sync: every log interval. Mean of the global-batch losses = same number
@@ -178,13 +271,24 @@ class Trainer:
         w = self.window
         timed = w.steps - w.untimed  # steps restored from a checkpoint were not timed in this process
         packed = dist.all_reduce_sum(torch.cat([w.sum.detach().double().view(1), w.hits.double()])).tolist()
-        metrics = {"epoch": self.progress.epoch, "train/loss": packed[0] / (w.steps * self.env.world_size)}
+        metrics = {"epoch": self.progress.epoch}
+        if w.steps:  # every step of the window may have been skipped by the NaN guard
+            metrics["train/loss"] = packed[0] / (w.steps * self.env.world_size)
         if packed[2]:  # not on mixed (soft-target) batches
             metrics["train/top1"] = packed[1] / packed[2]
-        metrics.update({"train/lr": self.scheduler.get_last_lr()[0],
-                   "train/samples_per_s": timed * self.cfg.train.global_batch_size / max(seconds, 1e-9),
-                   "train/step_time_s": seconds / max(timed, 1),
-                   "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))})
+        samples_per_s = timed * self.cfg.train.global_batch_size / max(seconds, 1e-9)
+        metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/samples_per_s": samples_per_s,
+                        "train/step_time_s": seconds / max(timed, 1),
+                        "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))})
+        if self.guard.enabled:
+            metrics["train/skipped_steps"] = self.guard.skipped
+        if self.flops and timed:
+            self.tflops.append(self.flops["train"] * samples_per_s / self.env.world_size / 1e12)
+            metrics["perf/tflops_per_device"] = self.tflops[-1]
+            if self.peak_tflops:
+                metrics["perf/mfu"] = self.tflops[-1] / self.peak_tflops
+        if self.stats is not None:  # one small all-gather on the CPU group
+            metrics.update(self.stats.gather(self._window_wait_s, seconds, max(timed, 1))[0])
         self._window_wait_s = 0.0
         if self.device.type == "cuda":
             metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -192,16 +296,18 @@ class Trainer:
         w.reset()
 
     def run_eval(self) -> dict:
+        self._phase("eval")
         dist.broadcast_buffers(self.model)  # evaluate the model the checkpoint holds, on every rank
         dummy = self.evals.dummy_input() if self.cfg.parallel.strategy == "fsdp" else None
+        tick = (lambda *_: self.sentinel.progressed()) if self.sentinel is not None else None
         result = evaluate(self.model, self.evals, self.num_classes, self.device, self.precision.autocast, dummy,
-                          loss_fn=self._eval_loss)
+                          loss_fn=self._eval_loss, on_batch=tick)
         metrics = {"epoch": self.progress.epoch, "val/loss": result["loss"], "val/top1": result["top1"],
                    "val/top5": result["top5"], "val/count": result["count"]}
         if self.ema is not None:  # the averaged weights, on the same batches
             dist.broadcast_buffers(self.ema.module)
             ema = evaluate(self.ema.module, self.evals, self.num_classes, self.device, self.precision.autocast,
-                           dummy, loss_fn=self._eval_loss)
+                           dummy, loss_fn=self._eval_loss, on_batch=tick)
             metrics.update({"val_ema/loss": ema["loss"], "val_ema/top1": ema["top1"], "val_ema/top5": ema["top5"]})
         self.logger.log_metrics(metrics, self.progress.step)
         self.history.append({"step": self.progress.step, **metrics})

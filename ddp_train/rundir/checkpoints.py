@@ -106,9 +106,10 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def newest_valid(directory: Path) -> Path | None:
-    """The newest intact checkpoint; warns for each damaged newer one. Raises when all are damaged."""
-    candidates = list_checkpoints(directory)
+def newest_valid(directory: Path, before: int | None = None) -> Path | None:
+    """The newest intact checkpoint (of a step < `before`, when given); warns for each damaged newer one.
+    Raises when all are damaged."""
+    candidates = [p for p in list_checkpoints(directory) if before is None or step_of(p) < before]
     for path in candidates:
         problem = verify(path)
         if problem is None:
@@ -120,10 +121,11 @@ def newest_valid(directory: Path) -> Path | None:
     return None
 
 
-def read_checkpoint(path: Path, expected: set[str] | None = None, mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: Path, expected: set[str] | None = None, mmap: bool = False,
+                    optional: set[str] = frozenset()) -> dict[str, Any]:
     """torch.load(weights_only=True): a file that needs arbitrary unpickling is refused, nothing runs.
     `expected`: the top-level keys the reader will consume; a key missing or left over is an error naming
-    it (a checkpoint of another layout must not half-load). mmap=True pages tensors in only when used; the
+    it (a checkpoint of another layout must not half-load); `optional` ones may be missing. mmap=True pages tensors in only when used; the
     caller must copy what it keeps, or the file stays mapped after it is pruned."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -141,7 +143,7 @@ def read_checkpoint(path: Path, expected: set[str] | None = None, mmap: bool = F
     if state.get("format") == 1:
         state = _upgrade_from_1(state)
     expected = expected if expected is not None else RESERVED_KEYS
-    missing = expected - state.keys()
+    missing = expected - state.keys() - set(optional)
     unexpected = state.keys() - expected if expected is not RESERVED_KEYS else set()
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match this version's checkpoint layout: "

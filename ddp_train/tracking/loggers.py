@@ -19,6 +19,7 @@ class Logger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_summary(self, summary: dict[str, Any]) -> None: ...
     def log_checkpoint(self, path: Path, step: int) -> None: ...
+    def log_profile(self, directory: Path) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -39,6 +40,10 @@ class MultiLogger(Logger):
         for lg in self.loggers:
             lg.log_checkpoint(path, step)
 
+    def log_profile(self, directory):
+        for lg in self.loggers:
+            lg.log_profile(directory)
+
     def finish(self, exit_code=0):
         for lg in self.loggers:
             try:
@@ -48,18 +53,58 @@ class MultiLogger(Logger):
 
 
 class JsonlLogger(Logger):
-    """metrics.jsonl: one JSON object per log step or evaluation, flushed as written."""
+    """metrics.jsonl: one JSON object per log step or evaluation, flushed as written. Also the state
+    'metrics_log' of checkpoints: the rows written when a checkpoint was saved. A run resumed after a
+    crash replays the steps after that checkpoint, so loading cuts the file back to those rows first and
+    every step appears once, the replayed values winning (after a preemption nothing follows the save)."""
 
     def __init__(self, path: Path):
+        self.path = path
+        self.rows = _count_lines(path)
         self.file = open(path, "a", buffering=1)
 
     def log_metrics(self, metrics, step):
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
         self.file.write(json.dumps(record) + "\n")
+        self.rows += 1
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        keep = int(state["rows"])
+        if keep >= self.rows:
+            return
+        self.file.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        dropped = len(lines) - keep
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(lines[:keep]))
+        tmp.replace(self.path)
+        self.rows = keep
+        self.file = open(self.path, "a", buffering=1)
+        log.info("metrics.jsonl: dropped %d rows logged after the checkpoint; those steps are replayed", dropped)
 
     def finish(self, exit_code=0):
         self.file.close()
+
+
+class NoState:
+    """Stands in for a state only rank 0 holds (metrics.jsonl's rows) on the other ranks."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
 
 
 class ConsoleLogger(Logger):

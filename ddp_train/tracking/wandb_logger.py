@@ -138,6 +138,17 @@ class WandbLogger(Logger):
         except Exception as e:
             log.warning("W&B: could not log checkpoint artifact %s: %s", path, e)
 
+    def log_profile(self, directory: Path) -> None:
+        """The profiler's traces and tables as a `profile` artifact (copied: they are small)."""
+        if self.run is None:
+            return
+        try:
+            art = self.wandb.Artifact(f"{self.run_id}-profile", type="profile")
+            art.add_dir(str(directory))
+            self.run.log_artifact(art)
+        except Exception as e:
+            log.warning("W&B: could not log the profile artifact %s: %s", directory, e)
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             start = time.perf_counter()

@@ -110,6 +110,13 @@ def test_sigkill_of_one_worker_under_max_restarts_resumes_identical(reference, t
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in out and "resuming at step" in out
     assert_same_run(reference, tmp_path / "job")
+    # the steps logged between the checkpoint and the kill were replayed: each is in metrics.jsonl once
+    rows = read_jsonl(tmp_path / "job" / "metrics.jsonl")
+    for kind in ("train/loss", "val/loss"):
+        steps = [r["step"] for r in rows if kind in r]
+        assert steps == sorted(set(steps)), (kind, steps)
+    assert [r["step"] for r in rows if "train/loss" in r] == [
+        r["step"] for r in read_jsonl(reference / "metrics.jsonl") if "train/loss" in r]
 
 
 def test_dead_rank_without_restarts_ends_the_job_not_hangs(tmp_path):

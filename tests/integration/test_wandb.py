@@ -59,7 +59,7 @@ def test_two_process_job_is_one_offline_wandb_run_with_history_summary_and_confi
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("val/top1", "val/top5", "val/loss", "best/val_top1", "world_size", "backend", "precision",
                 "strategy", "git_sha", "samples_per_s", "wall_time_s", "data_wait_frac"):
-        assert got["summary"][key] == summary[key], key
+        assert got["summary"].get(key) == summary[key], key  # W&B drops None (git_sha outside a git checkout)
     assert (summary["world_size"], summary["backend"]) == (2, "gloo")
 
     rows = history(offline)

@@ -1,0 +1,39 @@
+"""`log.tensorboard: true`: the metrics of metrics.jsonl as TensorBoard scalars under RUN_DIR/tb/, from
+rank 0 (`tensorboard --logdir runs/` compares runs; for clusters where W&B is not allowed). Text values
+(the slowest rank's host) are left out; the summary's numbers go in as `summary/*` at the last step."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .loggers import Logger
+
+
+class TensorBoardLogger(Logger):
+    def __init__(self, log_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.last_step = 0
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        self.last_step = step
+        for key, value in metrics.items():
+            if _number(value):
+                self.writer.add_scalar(key, float(value), step)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        for key, value in summary.items():
+            if _number(value):
+                self.writer.add_scalar(f"summary/{key}", float(value), self.last_step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def _number(value: Any) -> bool:
+    if hasattr(value, "item"):
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))

@@ -106,3 +106,19 @@ def test_metrics_jsonl_goes_back_to_the_rows_a_checkpoint_saw(tmp_path):
     resumed.finish()
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_the_guard_changes_nothing_in_a_run_without_nans(tmp_path):
+    """The norm is read, never written: guard on and off end on bitwise the same weights (fp32)."""
+    import torch
+    from conftest import CONFIGS
+
+    from ddp_train.config import load_config
+    from ddp_train.engine.run import run
+
+    finals = []
+    for on in ("true", "false"):
+        args = [f"run.root={tmp_path}", f"run.name=guard_{on}", "train.max_steps=12", f"train.nan_guard={on}"]
+        assert run(load_config(CONFIGS / "cpu_smoke.yaml", args)) == 0
+        finals.append(torch.load(tmp_path / f"guard_{on}" / "checkpoints" / "step_00000012.pt", weights_only=True)["model"])
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])

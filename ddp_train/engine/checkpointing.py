@@ -46,6 +46,7 @@ class CheckpointManager:
         self.save_seconds: list[float] = []
         self.failures = 0
         self._warned_budget = False
+        self.hold_before: int | None = None  # the NaN guard's streak start: keep the newest checkpoint before it
 
     @property
     def keys(self) -> set[str]:
@@ -97,7 +98,11 @@ class CheckpointManager:
     def _write(self, step: int, state: dict) -> Path | None:
         try:
             path = ckpt.write_checkpoint(self.directory, step, state)
-            protect = self.best.steps() if self.best is not None else set()
+            protect = set(self.best.steps()) if self.best is not None else set()
+            if self.hold_before is not None:
+                older = [ckpt.step_of(p) for p in ckpt.list_checkpoints(self.directory)
+                         if ckpt.step_of(p) < self.hold_before]
+                protect |= set(older[:1])  # newest first
             ckpt.prune(self.directory, self.cfg.keep_last, protect)
             if self.best is not None and step in protect:
                 self.best.write_pointer(self.directory)

@@ -26,6 +26,7 @@ class NanGuard:
         self.rollbacks = 0
         self.skip_steps: set[int] = set()  # global batches (by step number) never to train on again
         self.streak: list[int] = []  # the steps of the current run of bad steps
+        self.rolled_back_to: int | None = None
 
     def finite(self, grad_norm: torch.Tensor) -> bool:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -50,11 +51,13 @@ class NanGuard:
         return bad
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "rollbacks": self.rollbacks, "skip_steps": sorted(self.skip_steps)}
+        return {"skipped": self.skipped, "rollbacks": self.rollbacks, "skip_steps": sorted(self.skip_steps),
+                "rolled_back_to": self.rolled_back_to}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.rollbacks = int(state["skipped"]), int(state["rollbacks"])
         self.skip_steps = {int(s) for s in state["skip_steps"]}
+        self.rolled_back_to = state.get("rolled_back_to")
         self.streak = []
 
 

@@ -3,15 +3,13 @@ view (stragglers, GPU stats), the profiler window and the FLOP count behind TFLO
 summary.json fields they produce."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import dist
 from ..config import Config
 from ..env import DistEnv
-from ..models import build_model
-from ..tracking.flops import count_flops, peak_tflops
+from ..tracking.flops import peak_tflops
 from ..tracking.loggers import Logger
 from ..tracking.profiling import ProfileWindow
 from ..tracking.rank_stats import RankStats
@@ -33,16 +31,16 @@ class Observers:
                 "flops": self.flops, "peak_tflops": self.peak_tflops}
 
 
-def build_observers(cfg: Config, env: DistEnv, run_dir: Path, hosts: list[str], info, factory, sample_shape,
+def build_observers(cfg: Config, env: DistEnv, run_dir: Path, hosts: list[str], flops: dict | None,
                     logger: Logger) -> Observers:
+    """`flops`: count_flops of the model (run.py counts it before the model moves to the device)."""
     p = cfg.parallel
     sentinel = None
-    if p.hang_timeout_s:
+    if p.hang_timeout_s and env.distributed:  # one process has no collective to hang in (and a notebook
+        # or a debugger must not be killed for pausing)
         store = dist.side_store(env, timeout_s=max(2.0, min(10.0, p.hang_timeout_s / 2)))
         sentinel = HangSentinel(env.rank, env.world_size, run_dir / "hang", p.hang_timeout_s, p.init_timeout_s,
                                 store=store)
-    model_cfg = dataclasses.replace(cfg.model, pretrained=None)  # no weights to read for a count
-    flops = count_flops(lambda: build_model(model_cfg, info, factory), sample_shape) if sample_shape else None
     return Observers(
         guard=NanGuard(cfg.train.nan_guard, cfg.train.max_bad_steps), sentinel=sentinel,
         stats=RankStats(env.device, hosts, cfg.log.straggler_factor),

@@ -21,6 +21,7 @@ from ..errors import DIVERGED_EXIT, PREEMPTED_EXIT
 from ..models import build_model
 from ..rundir import files
 from ..rundir.naming import resolve_run_dir
+from ..tracking.flops import count_flops
 from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NoState, setup_logging
 from ..tracking.sysinfo import peak_memory
 from ..usercode import is_import_path, source_dir
@@ -104,14 +105,6 @@ def model_factory(given: Any):
     return (lambda **_: given), True
 
 
-def sample_shape(evals: EvalBatches) -> tuple[int, ...] | None:
-    """One input's shape, for the FLOP count (None when the inputs are not plain tensors)."""
-    try:
-        return tuple(evals.dummy_input().shape[1:])
-    except Exception:
-        return None
-
-
 def intra_op_threads(env: DistEnv, workers: int) -> int:
     """Unless OMP_NUM_THREADS says otherwise: the rank's share of the CPUs, less its DataLoader workers.
     torch's default (every core) oversubscribes them, and OpenMP threads that spin while a worker holds
@@ -151,7 +144,9 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         info = splits.info
         seed_everything(cfg.run.seed)  # identical model init on every rank
         factory, instance = model_factory(given.model)
-        model = build_model(cfg.model, info, factory).to(device)
+        model = build_model(cfg.model, info, factory)
+        flops = count_flops(model, (info.in_channels, *info.image_size))  # on a meta copy, before it moves
+        model = model.to(device)
         if instance:
             dist.broadcast_module(model)
         loss_fn = build_loss(cfg.train, info.num_classes, given.loss)
@@ -184,7 +179,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp" and env.distributed)
 
         logger, history = build_loggers(cfg, env, run_dir)
-        obs = build_observers(cfg, env, run_dir, hosts, info, factory, sample_shape(evals), logger)
+        obs = build_observers(cfg, env, run_dir, hosts, flops, logger)
         progress, window = TrainProgress(), LossWindow(device, env.rank)
         early = EarlyStopping(cfg.train.early_stopping)
         best = BestCheckpoints(cfg.checkpoint.keep_best, cfg.checkpoint.best_metric) if cfg.checkpoint.keep_best else None
@@ -213,7 +208,12 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
                  f" | resuming at step {progress.step}" if progress.step else "")
 
         steps_before = progress.step
-        final = trainer.fit()
+        try:
+            final = trainer.fit()
+        except BaseException:
+            if obs.sentinel is not None:  # W&B's finish on the way out is not a hang
+                obs.sentinel.stop()
+            raise
         memory = dist.all_gather_object(peak_memory(device))  # every rank's peaks, for the summary
         if env.is_main:
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,8 +73,8 @@ class HangSentinel:
         if self.store is not None:
             try:
                 self.store.set(f"hb/{self.rank}", json.dumps(self._record()))
-            except Exception:  # the store's host is gone: the job is ending anyway
-                pass
+            except Exception:  # the store's host is gone or frozen: watch this rank alone from now on
+                self.store = None
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -93,7 +94,7 @@ class HangSentinel:
         self._set("hung", str(self.rank))
         records = self._read_all()
         alive = [r for r, rec in records.items() if rec is not None and _fresh(rec, self.interval)]
-        if (not alive or min(alive) == self.rank) and not self._exists("report"):  # one report per hang
+        if (not alive or min(alive) == self.rank) and self._first("report"):  # one report per hang
             self._wait_for_dumps(alive)
             (self.dir / "report.txt").write_text(report(self._read_all(), self.interval, budget, self.dir))
             self._set("report", "written")
@@ -101,6 +102,8 @@ class HangSentinel:
             self._wait_for("report", 3 * self.interval + 5)
         for handler in logging.getLogger("ddp_train").handlers:
             handler.flush()
+        for stream in (sys.stdout, sys.stderr):  # the console handler writes to stdout
+            stream.flush()
         self.exit_fn(HUNG_EXIT)
 
     def _dump_stacks(self) -> None:
@@ -116,13 +119,16 @@ class HangSentinel:
             try:
                 self.store.set(f"{key}/{self.rank}" if key == "hung" else key, value)
             except Exception:
-                pass
+                self.store = None
 
-    def _exists(self, key: str) -> bool:
+    def _first(self, key: str) -> bool:
+        """True for the first rank to claim `key` (atomic: the store's counter), or without a store."""
+        if self.store is None:
+            return self.rank == 0 or self.world == 1
         try:
-            return self.store is not None and self.store.check([key])
+            return self.store.add(f"claim/{key}", 1) == 1
         except Exception:
-            return False
+            return True
 
     def _read_all(self) -> dict[int, dict | None]:
         out: dict[int, dict | None] = {}
@@ -133,7 +139,8 @@ class HangSentinel:
                     if self.store.check([f"hb/{r}"]):
                         out[r] = json.loads(self.store.get(f"hb/{r}"))
                 except Exception:
-                    pass
+                    self.store = None
+                    break
         return out
 
     def _wait_for_dumps(self, alive: list[int]) -> None:

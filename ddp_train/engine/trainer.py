@@ -70,7 +70,6 @@ class Trainer:
         self.sentinel, self.stats, self.profiler = sentinel, stats, profiler
         self.flops, self.peak_tflops = flops, peak_tflops
         self.tflops: list[float] = []  # per log window, for the summary
-        self.rolled_back_to: int | None = None
         self.stopped_early: dict | None = None  # {"step", "reason"} once early stopping ends the run
         # evaluation reports plain cross-entropy (no label smoothing) unless the loss is the user's own
         self._eval_loss = None if isinstance(loss_fn, CrossEntropy) else loss_fn
@@ -106,7 +105,10 @@ class Trainer:
         if clip is not None or self.guard.enabled:
             scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
             norm = global_grad_norm(self.wrapped, clip)
-            applied = not self.guard.enabled or self.guard.finite(norm)  # the same on every rank
+            # the same on every rank. fp16: an overflow is GradScaler's routine (it skips the step and
+            # halves the scale); only once the scale fell below 1 is a non-finite norm the model's
+            applied = not self.guard.enabled or self.guard.finite(norm) or (
+                scaler.is_enabled() and scaler.get_scale() >= 1.0)
         if applied:
             scaler.step(self.optimizer)
         scaler.update()  # fp16: a skipped step lowers the loss scale, as GradScaler's own skip does
@@ -152,6 +154,8 @@ class Trainer:
                     self._rollback()
                     batches = self._global_batches()
                     continue
+                # while a streak lasts, pruning spares the newest checkpoint from before it
+                self.checkpointer.hold_before = self.guard.streak[0] if self.guard.streak else None
                 bar.update(1)
                 if p.step == self._first_step + WARM_STEPS:
                     dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
@@ -174,7 +178,7 @@ class Trainer:
         finally:
             self.preemption.settle()  # no vote left in flight when the loop ends, however it ends
             if self.profiler is not None:
-                self.profiler.close()
+                self.profiler.close(quietly=True)
             bar.close()
             self.train_time += time.perf_counter() - self._fit_start
             self._fit_start = None
@@ -188,7 +192,7 @@ class Trainer:
                 self.best.offer(p.step, self.history[-1])  # the final checkpoint may be the best too
         self._save("final")
         if self.sentinel is not None:
-            self.sentinel.stop()
+            self.sentinel.stop()  # what follows (summary, plots, W&B finish) is not a training step
         return final
 
     def _phase(self, name: str) -> None:
@@ -206,7 +210,7 @@ class Trainer:
         where = f"non-finite gradient norm at steps {spans(bad)} ({len(bad)} in a row)"
         advice = "lower optim.lr, set train.grad_clip, or use train.precision=fp32"
         if self.guard.rollbacks >= 1:
-            raise Diverged(f"diverged: {where}, again after rolling back to step {self.rolled_back_to}; {advice}")
+            raise Diverged(f"diverged: {where}, again after rolling back to step {self.guard.rolled_back_to}; {advice}")
         first = bad[0]
         self.guard.rolled_back()
         keep = self.guard.state_dict()
@@ -215,8 +219,11 @@ class Trainer:
         if path is None:
             raise Diverged(f"diverged: {where} and no checkpoint to roll back to (checkpoint.every_steps saves "
                            f"more often); {advice}")
+        keep["rolled_back_to"] = self.progress.step
         self.guard.load_state_dict(keep)  # the checkpoint's own guard state predates the streak
-        self.rolled_back_to = self.progress.step
+        self.checkpointer.hold_before = None
+        self.checkpointer.last_saved_step = None
+        self._save("rollback")  # the same step again, now with the batches to skip: a crash keeps them
         self._progressed()
         log.warning("%s: rolled back to step %d (%s); those global batches are skipped from now on", where,
                     self.progress.step, path.name)
@@ -258,9 +265,6 @@ class Trainer:
             self._save("epoch" if self.checkpointer.due_epoch(p.epoch) else "best")
 
     def _save(self, reason: str) -> None:
-        if self.guard.streak and reason != "preempt":
-            return  # no scheduled checkpoint of a run that is producing non-finite steps: keep_last would
-            # prune the good ones the rollback needs
         self._phase("checkpoint")
         self.checkpointer.save(self.progress.step, reason, self.step_time_s())
         self._progressed()

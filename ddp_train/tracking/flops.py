@@ -31,18 +31,19 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
-def count_flops(make_model, sample_shape: tuple[int, ...], batch: int = 2) -> dict[str, float] | None:
-    """{"forward": ..., "train": ...} FLOPs per sample of `make_model()` on inputs of `sample_shape`, built
-    on the meta device (a model that cannot be, e.g. one instance the user passed, is copied there).
+def count_flops(model, sample_shape: tuple[int, ...], batch: int = 2) -> dict[str, float] | None:
+    """{"forward": ..., "train": ...} FLOPs per sample of `model` (a module, copied to the meta device
+    without touching it; or a factory, built there) on inputs of `sample_shape`.
     Training = forward + backward of a scalar of the logits (the loss's own cost is negligible). None when
     the model cannot run on meta tensors: the run goes on without the figures."""
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            model = make_model()
-        if any(p.device.type != "meta" for p in model.parameters()):
-            model = copy.deepcopy(model).to("meta")
+        if not isinstance(model, nn.Module):
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                model = model()
+        if any(t.device.type != "meta" for t in [*model.parameters(), *model.buffers()]):
+            model = meta_copy(model)
         model.train()
         x = torch.empty((batch, *sample_shape), device="meta")
         with FlopCounterMode(display=False) as forward:
@@ -54,6 +55,16 @@ def count_flops(make_model, sample_shape: tuple[int, ...], batch: int = 2) -> di
     except Exception as e:  # a custom op without a meta kernel, data-dependent shapes, ...
         log.info("FLOPs not counted (%s: %s); perf/tflops and MFU are left out", type(e).__name__, str(e)[:200])
         return None
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are meta tensors: nothing of the size of the model is
+    allocated (deepcopy's memo maps each tensor to an empty meta one before the copy reaches it)."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def _scalar(out) -> torch.Tensor:

@@ -70,12 +70,12 @@ class JsonlLogger(Logger):
         self.rows += 1
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "path": str(self.path.resolve())}
 
     def load_state_dict(self, state: dict) -> None:
         keep = int(state["rows"])
-        if keep >= self.rows:
-            return
+        if keep >= self.rows or state.get("path") != str(self.path.resolve()):
+            return  # nothing was logged after the checkpoint, or it is another run's (resume=PATH)
         self.file.close()
         lines = self.path.read_text().splitlines(keepends=True)
         dropped = len(lines) - keep

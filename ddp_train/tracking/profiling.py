@@ -42,8 +42,16 @@ class ProfileWindow:
         if self._prof is not None and step >= self.last:
             self.close()
 
-    def close(self) -> None:
+    def close(self, quietly: bool = False) -> None:
+        """quietly: the loop is ending (maybe on an exception): a failed export only warns."""
         if self._prof is None:
+            return
+        if quietly:
+            try:
+                self.close()
+            except Exception as e:
+                self._prof = None
+                log.warning("profiler export failed: %s", e)
             return
         if self.cuda:
             torch.cuda.synchronize()

@@ -12,25 +12,30 @@ from .loggers import Logger
 
 class TensorBoardLogger(Logger):
     def __init__(self, log_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.last_step = 0
+        self.log_dir, self.writer, self.last_step = log_dir, None, 0
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if self.writer is None:  # purge_step: events a crashed attempt wrote from this step on are dropped,
+            # as metrics.jsonl drops its rows (the replayed values win)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=step)
         self.last_step = step
         for key, value in metrics.items():
             if _number(value):
                 self.writer.add_scalar(key, float(value), step)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
         for key, value in summary.items():
             if _number(value):
                 self.writer.add_scalar(f"summary/{key}", float(value), self.last_step)
 
     def finish(self, exit_code: int = 0) -> None:
-        self.writer.flush()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
 
 
 def _number(value: Any) -> bool:

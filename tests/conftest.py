@@ -371,3 +371,14 @@ class Launch:
 
     def __repr__(self) -> str:  # what an assertion message shows
         return f"STDOUT:\n{self.stdout[-4000:]}\nSTDERR:\n{self.stderr[-4000:]}"
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of the torchrun agent's worker processes."""
+    out = {}
+    for pid in map(int, subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
+        if rank is not None:
+            out[rank] = pid
+    return out

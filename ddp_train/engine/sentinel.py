@@ -95,11 +95,11 @@ class HangSentinel:
         records = self._read_all()
         alive = [r for r, rec in records.items() if rec is not None and _fresh(rec, self.interval)]
         if (not alive or min(alive) == self.rank) and self._first("report"):  # one report per hang
-            self._wait_for_dumps(alive)
+            self._wait_for([f"hung/{r}" for r in alive], 2 * self.interval + 1)  # their stacks are written
             (self.dir / "report.txt").write_text(report(self._read_all(), self.interval, budget, self.dir))
             self._set("report", "written")
         else:
-            self._wait_for("report", 3 * self.interval + 5)
+            self._wait_for(["report"], 3 * self.interval + 5)
         for handler in logging.getLogger("ddp_train").handlers:
             handler.flush()
         for stream in (sys.stdout, sys.stderr):  # the console handler writes to stdout
@@ -143,21 +143,12 @@ class HangSentinel:
                     break
         return out
 
-    def _wait_for_dumps(self, alive: list[int]) -> None:
-        deadline = time.monotonic() + 2 * self.interval + 1
-        while time.monotonic() < deadline and self.store is not None:
-            try:
-                if self.store.check([f"hung/{r}" for r in alive]):
-                    return
-            except Exception:
-                return
-            time.sleep(0.2)
-
-    def _wait_for(self, key: str, seconds: float) -> None:
+    def _wait_for(self, keys: list[str], seconds: float) -> None:
+        """Until every key exists in the store (or the time is up, or the store is gone)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and self.store is not None:
             try:
-                if self.store.check([key]):
+                if self.store.check(keys):
                     return
             except Exception:
                 return

@@ -38,11 +38,7 @@ def global_grad_norm(wrapped: nn.Module, clip: float | None) -> torch.Tensor:
     `clip` when set; without a clip only the norm (one pass over the gradients, no rescale)."""
     if clip is not None or not hasattr(torch.nn.utils, "get_total_norm"):
         return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip if clip is not None else float("inf"))
-    grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm
+    return torch.nn.utils.get_total_norm([p.grad for p in wrapped.parameters() if p.grad is not None])
 
 
 class Preempted(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import time
 
 import torch
 
@@ -64,7 +65,6 @@ class RankStats:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             return start
-        import time
         return time.perf_counter()
 
     def forward_done(self, started) -> None:
@@ -73,7 +73,6 @@ class RankStats:
             end.record()
             self._events.append((started, end))
         else:
-            import time
             self.forward_s += time.perf_counter() - started
 
     def gather(self, wait_s: float, seconds: float, steps: int) -> tuple[dict, list[dict]]:

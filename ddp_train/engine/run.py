@@ -143,6 +143,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         log.info("ranks per host: %s", dist.ranks_by_host(hosts))
         if env.is_main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        logger, history = build_loggers(cfg, env, run_dir)  # W&B starts on a thread, ready before training
         device = env.device
 
         # rank 0 downloads/scans, the others wait, then all open
@@ -186,9 +187,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         # FSDP2 casts through its policy; one process is not sharded, so it keeps autocast like DDP
         precision = Precision(cfg.train.precision, device, fsdp=cfg.parallel.strategy == "fsdp" and env.distributed)
 
-        logger, history = build_loggers(cfg, env, run_dir)
         obs = build_observers(cfg, env, run_dir, hosts, flops, logger)
-        timeline.mark("loggers")
         progress, window = TrainProgress(), LossWindow(device, env.rank)
         early = EarlyStopping(cfg.train.early_stopping)
         best = BestCheckpoints(cfg.checkpoint.keep_best, cfg.checkpoint.best_metric) if cfg.checkpoint.keep_best else None
@@ -218,6 +217,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
 
         steps_before = progress.step
         timeline.mark("resumed")
+        logger.ready()
+        timeline.mark("loggers")
         try:
             final = trainer.fit()
         except BaseException:

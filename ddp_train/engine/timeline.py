@@ -11,8 +11,8 @@ from ..env import getenv
 # (field, from mark, to mark): consecutive, so the parts add up to the whole
 STARTUP = (("launcher_s", "launch", "process"), ("import_s", "process", "entered"),
            ("process_group_s", "entered", "process_group"), ("data_s", "process_group", "data"),
-           ("model_s", "data", "model"), ("loggers_s", "model", "loggers"),
-           ("resume_s", "loggers", "resumed"), ("first_step_s", "resumed", "first_step"))
+           ("model_s", "data", "model"), ("setup_and_resume_s", "model", "resumed"),
+           ("wandb_wait_s", "resumed", "loggers"), ("first_step_s", "loggers", "first_step"))
 TEARDOWN = (("final_eval_and_checkpoint_s", "last_step", "fit_done"), ("summary_and_plots_s", "fit_done", "summary"),
             ("loggers_finish_s", "summary", "finished"), ("shutdown_s", "finished", "end"))
 

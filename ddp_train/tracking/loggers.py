@@ -20,6 +20,8 @@ class Logger:
     def log_summary(self, summary: dict[str, Any]) -> None: ...
     def log_checkpoint(self, path: Path, step: int) -> None: ...
     def log_profile(self, directory: Path) -> None: ...
+    def ready(self) -> None:
+        """Waits for a logger that starts in the background (W&B): before training, so no step waits."""
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -44,6 +46,10 @@ class MultiLogger(Logger):
         for lg in self.loggers:
             lg.log_profile(directory)
 
+    def ready(self):
+        for lg in self.loggers:
+            lg.ready()
+
     def finish(self, exit_code=0):
         for lg in self.loggers:
             try:
@@ -61,11 +67,13 @@ class JsonlLogger(Logger):
     def __init__(self, path: Path):
         self.path = path
         self.rows = _count_lines(path)
-        self.file = open(path, "a", buffering=1)
+        self.file = None  # opened at the first row: a run that fails before training leaves no empty file
 
     def log_metrics(self, metrics, step):
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        if self.file is None:
+            self.file = open(self.path, "a", buffering=1)
         self.file.write(json.dumps(record) + "\n")
         self.rows += 1
 
@@ -76,18 +84,21 @@ class JsonlLogger(Logger):
         keep = int(state["rows"])
         if keep >= self.rows or state.get("path") != str(self.path.resolve()):
             return  # nothing was logged after the checkpoint, or it is another run's (resume=PATH)
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
         lines = self.path.read_text().splitlines(keepends=True)
         dropped = len(lines) - keep
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(lines[:keep]))
         tmp.replace(self.path)
         self.rows = keep
-        self.file = open(self.path, "a", buffering=1)
         log.info("metrics.jsonl: dropped %d rows logged after the checkpoint; those steps are replayed", dropped)
 
     def finish(self, exit_code=0):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class NoState:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -75,17 +76,39 @@ class WandbLogger(Logger):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.wcfg = cfg.log.wandb
         self.run = None
+        self._starting: threading.Thread | None = None
         self.mode = resolve_mode(self.wcfg.mode)
         envvars.setenv("WANDB_MODE", self.mode)  # one source of truth; wandb rejects an empty WANDB_MODE
         if self.mode == "disabled":
             return
         prepare_dirs(run_dir)
         self.run_id = stable_run_id(run_dir)
+        # wandb's import and init (its service process) take ~1.3 s: done on a thread while the run loads
+        # its data and builds the model; every method waits for it first (bounded by init_timeout_s)
+        self._starting = threading.Thread(target=self._start_safely, name="ddp_train-wandb-init", daemon=True)
+        self._starting.start()
+
+    def ready(self) -> None:
+        self._ready()
+
+    def _ready(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+
+    def _start_safely(self) -> None:
+        try:
+            self._start()
+        except BaseException as e:  # W&B must never end the run; on a thread it would only print a traceback
+            log.warning("W&B could not start (%s: %s); continuing without W&B", type(e).__name__, e)
+            self.run = None
+
+    def _start(self) -> None:
         import wandb
 
         self.wandb = wandb
         start = time.perf_counter()
-        wandb_dir = run_dir / "wandb"
+        wandb_dir = self.run_dir / "wandb"
         before = set(wandb_dir.glob("run-*"))
         try:
             self.run = self._init(self.mode)
@@ -95,7 +118,7 @@ class WandbLogger(Logger):
                 return
             log.warning("W&B online init failed after %.1f s (log.wandb.init_timeout_s=%s, %s); logging offline "
                         "instead: `wandb sync %s` later", time.perf_counter() - start, self.wcfg.init_timeout_s,
-                        type(e).__name__, run_dir / "wandb")
+                        type(e).__name__, wandb_dir)
             self.mode = "offline"
             try:
                 wandb.teardown()  # forget the half-started online run, or its id stays "in use"
@@ -118,10 +141,12 @@ class WandbLogger(Logger):
                                config=self.cfg.to_dict(), settings=settings)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._ready()
         if self.run is not None:
             self.run.log(dict(metrics), step=step)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
+        self._ready()
         if self.run is not None:
             for k, v in summary.items():
                 scalar = isinstance(v, (int, float, str, bool)) or v is None
@@ -129,6 +154,7 @@ class WandbLogger(Logger):
                     self.run.summary[k] = v
 
     def log_checkpoint(self, path: Path, step: int) -> None:
+        self._ready()
         if self.run is None or not self.wcfg.log_checkpoints:
             return
         try:
@@ -140,6 +166,7 @@ class WandbLogger(Logger):
 
     def log_profile(self, directory: Path) -> None:
         """The profiler's traces and tables as a `profile` artifact (copied: they are small)."""
+        self._ready()
         if self.run is None:
             return
         try:
@@ -150,6 +177,7 @@ class WandbLogger(Logger):
             log.warning("W&B: could not log the profile artifact %s: %s", directory, e)
 
     def finish(self, exit_code: int = 0) -> None:
+        self._ready()
         if self.run is not None:
             start = time.perf_counter()
             self.run.finish(exit_code=exit_code)

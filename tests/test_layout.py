@@ -91,3 +91,21 @@ def test_compare_imports_no_torch(tmp_path):
     loaded = imported_modules("ddp_train.compare", str(run), "--plot", str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").is_file() and "ddp_train.config" in loaded
     assert not {m for m in loaded if m == "torch" or m.startswith("torch.")}
+
+
+def test_a_run_imports_only_the_libraries_it_needs(tmp_path):
+    """Start-up time: a run without W&B, ONNX, torchvision models or a sharded model loads none of
+    wandb, onnx, torchvision, timm or torch.distributed.checkpoint (~1.1 s); matplotlib only for
+    the plots at the end."""
+    code = ("import sys; from ddp_train.__main__ import run_command\n"
+            "code = run_command(sys.argv[1:])\n"
+            "print('MODULES', code, ' '.join(sorted(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(CONFIGS / "cpu_smoke.yaml"), f"run.root={tmp_path}",
+                           "log.wandb.mode=disabled"], cwd=ROOT, env=engine_env(), capture_output=True, text=True,
+                          timeout=120)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("MODULES")), None)
+    assert line is not None, proc.stderr[-2000:]
+    code, *loaded = line.split()[1:]
+    assert code == "0" and "ddp_train.engine.trainer" in loaded
+    heavy = {"wandb", "onnx", "onnxruntime", "torchvision", "torch.distributed.checkpoint", "timm"}
+    assert not heavy & set(loaded), heavy & set(loaded)

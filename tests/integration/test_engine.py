@@ -101,6 +101,14 @@ def test_embedded_default_reaches_97_percent_and_writes_the_run_directory(tmp_pa
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == 3  # keep_last
     assert list((run_dir / "wandb").glob("offline-run-*")), "auto mode without a key logs offline"
     assert "done: val/top1" in proc.stdout and "Traceback" not in proc.stderr
+    # where the time outside training goes (issue 20): launch to the first step, the last step to the end
+    split = summary["startup"]
+    assert list(split) == ["launcher_s", "import_s", "process_group_s", "data_s", "model_s", "setup_and_resume_s",
+                           "wandb_wait_s", "first_step_s"]
+    assert abs(sum(split.values()) - summary["startup_s"]) < 0.01 and 0 < summary["startup_s"] < summary["wall_time_s"]
+    assert split["launcher_s"] > 0.3 and split["import_s"] > 0.3  # torchrun's agent and our own torch import
+    assert abs(sum(summary["teardown"].values()) - summary["teardown_s"]) < 0.01 and summary["teardown_s"] > 0
+    assert "start-up " in proc.stdout and "wind-down " in proc.stdout
     # rank 0 alone prints: each eval line appears once
     assert proc.stdout.count("| val/top1 ") == 12
 

@@ -220,6 +220,24 @@ def raising(num_classes, in_channels, image_size):
 
 def not_a_module(num_classes, in_channels, image_size):
     return {"weights": 1}
+
+class SlowFirstStep(nn.Module):
+    """The first training forward on one rank takes `delay` s, like a slow first compile there."""
+    def __init__(self, net, delay, slow_rank):
+        super().__init__()
+        import os
+        self.net = net
+        self.delay = delay if int(os.environ.get("RANK", "0")) == slow_rank else 0.0
+
+    def forward(self, x):
+        if self.delay and self.training and x.device.type != "meta":
+            import time
+            time.sleep(self.delay)
+            self.delay = 0.0
+        return self.net(x)
+
+def slow_first_step_cnn(num_classes, in_channels, image_size, width=6, delay=0.0, slow_rank=1):
+    return SlowFirstStep(small_cnn(num_classes, in_channels, image_size, width), delay, slow_rank)
 ''',
     "quads/data.py": '''
 import torch

@@ -87,10 +87,11 @@ def test_verify_resume_is_bitwise_on_user_code(project):
 
 def test_a_slow_first_rank_times_nobody_out(tmp_path):
     """Rank 0 prepares the data alone for 6 s while the others wait, then every rank takes 6 s to open it,
-    with parallel.timeout_s=3: start-up waits are bounded by parallel.init_timeout_s instead (a rank slow
-    before its first step, e.g. compiling, must not time the others out)."""
+    and rank 1's first training forward takes 6 s more (a slow first compile), with parallel.timeout_s=3:
+    start-up and the first steps are bounded by parallel.init_timeout_s instead, so no rank times out."""
     root = write_user_project(tmp_path)
     proc = check(run_engine([SMOKE, *USER_ARGS, "data.name=quads.data:slow_quadrants", "data.kwargs.delay=6",
+                             "model.name=quads.nets:slow_first_step_cnn", "model.kwargs.delay=6",
                              "train.max_steps=6", "parallel.timeout_s=3", f"run.root={root / 'runs'}",
                              "run.name=slow"], nproc=2, cwd=root))
     assert "done: val/top1" in proc.stdout

@@ -35,6 +35,10 @@ def size(n: float) -> str:
     return f"{n:.1f} TB"  # not reached
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _split_fix(message: str) -> tuple[str, str]:
     """'problem; fix' (how the engine's one-line errors read) -> (problem, fix)."""
     problem, sep, fix = message.rpartition("; ")
@@ -111,8 +115,8 @@ def shm(free: int | None, procs: int, workers: int, prefetch: int, batch_bytes: 
         return Check("/dev/shm", WARN, "no /dev/shm here: DataLoader workers cannot share batches",
                      "mount a tmpfs at /dev/shm (docker run --shm-size=8g), or data.num_workers=0")
     need = procs * workers * prefetch * batch_bytes
-    detail = (f"{size(free)} free; {procs} ranks x {workers} workers x {prefetch} prefetched x {size(batch_bytes)} "
-              f"batches = {size(need)}")
+    detail = (f"{size(free)} free; {plural(procs, 'rank')} x {plural(workers, 'worker')} x {prefetch} prefetched x "
+              f"{size(batch_bytes)} batches = {size(need)}")
     fix = ("enlarge /dev/shm (docker run --shm-size=8g or --ipc=host; Kubernetes: an emptyDir with medium Memory) "
            "or lower data.num_workers; too small a /dev/shm ends in 'Bus error' (pytorch #5040)")
     if free < need:

@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def environment_checks(cfg: Config, nproc: int, nnodes: int) -> list[Check]:
+def environment_checks(nnodes: int) -> list[Check]:
     """Port, hostname: torch-free, about this machine."""
     port_text = envvars.getenv("MASTER_PORT", "")
     port = int(port_text) if port_text.isdigit() else TORCHRUN_PORT
@@ -66,7 +66,7 @@ def diagnose(cfg: Config, nproc: int, nnodes: int, signal_delay: int | None, sec
     device = rank0.device
     root = Path(cfg.run.root)
     copies = cfg.checkpoint.keep_last + cfg.checkpoint.keep_best + 1
-    found = [*probe.versions(nproc, cfg.parallel.backend), *environment_checks(cfg, nproc, nnodes),
+    found = [*probe.versions(nproc, cfg.parallel.backend), *environment_checks(nnodes),
              checks.run_root(root), signal_check(cfg, signal_delay)]
     data_check, splits = probe.dataset(cfg)
     found.append(data_check)

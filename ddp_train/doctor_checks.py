@@ -36,7 +36,7 @@ def size(n: float) -> str:
 
 
 def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    return f"{n} {word}{'' if n == 1 else ('es' if word.endswith('s') else 's')}"
 
 
 def _split_fix(message: str) -> tuple[str, str]:
@@ -207,7 +207,7 @@ def batches_per_rank(n_train: int, world: int, micro: int, accum: int, steps: li
         return Check("batches per rank", FAIL, f"ranks take {min(steps)}..{max(steps)} steps per epoch: the ranks "
                                                "would wait for each other", "report this: a bug of the sampler")
     dropped = n_train - steps[0] * global_batch
-    detail = (f"{world} ranks x {steps[0]} steps per epoch of {micro} x {accum} micro-batches; {dropped} of "
+    detail = (f"{plural(world, 'rank')} x {steps[0]} steps per epoch of {micro} x {accum} micro-batches; {dropped} of "
               f"{n_train} samples left out per epoch")
     if dropped > DROPPED_WARN * n_train:
         return Check("batches per rank", WARN, detail, "a smaller train.global_batch_size uses more of the split")

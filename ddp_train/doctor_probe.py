@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .doctor_checks import FAIL, OK, WARN, Check
+from .doctor_checks import FAIL, OK, WARN, Check, plural
 from .env import DistEnv, cpus_available
 from .errors import UserError
 
@@ -51,13 +51,13 @@ def versions(nproc: int, backend: str) -> list[Check]:
             checks.append(Check("nccl", FAIL if backend != "gloo" else WARN, f"NCCL unavailable ({e})",
                                 "install a torch build with NCCL, or parallel.backend=gloo (slow on GPUs)"))
         if nproc > n:
-            checks.append(Check("gpus", FAIL, f"{nproc} processes per node but {n} GPU(s) visible",
+            checks.append(Check("gpus", FAIL, f"{plural(nproc, 'process')} per node but {plural(n, 'GPU')} visible",
                                 f"--nproc-per-node {n}, or make more GPUs visible (CUDA_VISIBLE_DEVICES)"))
         elif nproc < n:
-            checks.append(Check("gpus", WARN, f"{nproc} processes per node leave {n - nproc} of {n} GPUs idle",
+            checks.append(Check("gpus", WARN, f"{plural(nproc, 'process')} per node leave {n - nproc} of {n} GPUs idle",
                                 f"--nproc-per-node {n}"))
         else:
-            checks.append(Check("gpus", OK, f"{n} GPU(s) for {nproc} processes per node"))
+            checks.append(Check("gpus", OK, f"{plural(n, 'GPU')} for {plural(nproc, 'process')} per node"))
         return checks
     if driver:
         checks.append(Check("cuda", FAIL, f"NVIDIA driver {driver} is here but torch (CUDA build "
@@ -70,10 +70,8 @@ def versions(nproc: int, backend: str) -> list[Check]:
         checks.append(Check("cuda", OK, "no GPU: CPU processes with gloo"))
     checks.append(Check("nccl", OK, "not used on CPU (gloo)"))
     cpus = cpus_available()
-    if nproc > cpus:
-        checks.append(Check("gpus", WARN, f"CPU: {nproc} processes per node on {cpus} CPUs", f"--nproc-per-node {cpus}"))
-    else:
-        checks.append(Check("gpus", OK, f"CPU: {nproc} processes per node on {cpus} CPUs"))
+    detail = f"CPU: {plural(nproc, 'process')} per node on {plural(cpus, 'CPU')}"
+    checks.append(Check("gpus", WARN, detail, f"--nproc-per-node {cpus}") if nproc > cpus else Check("gpus", OK, detail))
     return checks
 
 
@@ -96,14 +94,23 @@ def dataset(cfg: Config):
     info = splits.info
     counts = f"train {len(splits.train)} / test {len(splits.test)}"
     per_class = ""
-    labels = getattr(splits.train, "labels", None)
-    if labels is None:
-        labels = getattr(splits.train, "targets", None)
+    labels = _labels(splits.train)
     if labels is not None and len(labels):
         bins = torch.bincount(torch.as_tensor(labels), minlength=info.num_classes)
         per_class = f", {int(bins.min())}..{int(bins.max())} training samples per class"
     shape = f"{info.in_channels}x{info.image_size[0]}x{info.image_size[1]}"
     return Check("dataset", OK, f"{cfg.data.name}: {info.num_classes} classes, {counts}{per_class}, {shape}"), splits
+
+
+def _labels(split):
+    """The training labels where they can be read without opening a sample (in-memory splits, image folders,
+    datasets with .targets), else None."""
+    if hasattr(split, "labels"):
+        return split.labels
+    if hasattr(split, "targets"):
+        return split.targets
+    samples = getattr(split, "samples", None)
+    return [label for _, label in samples] if samples else None
 
 
 def steps_per_rank(n: int, world: int, micro: int, accum: int) -> list[int]:

@@ -140,3 +140,35 @@ def test_the_login_node_checks_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=engine_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_gpus_against_processes_per_node(monkeypatch):
+    """No GPU here: torch.cuda is stubbed to show 2 GPUs (the CPU branch runs for real below)."""
+    import torch
+
+    from ddp_train import doctor_probe
+
+    if not torch.cuda.is_available():
+        assert [(c.name, c.status) for c in doctor_probe.versions(1, "auto")] == [
+            ("torch", OK), ("cuda", OK), ("nccl", OK), ("gpus", OK)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "H100")
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 21, 5))
+    rows = {c.name: c for c in doctor_probe.versions(4, "auto")}
+    assert rows["nccl"].detail == "NCCL 2.21.5"
+    assert rows["gpus"].status == FAIL and rows["gpus"].fix.startswith("--nproc-per-node 2")
+    assert {c.name: c for c in doctor_probe.versions(1, "auto")}["gpus"].status == WARN  # one GPU idle
+
+
+def test_a_missing_dataset_fails_unless_rank_0_will_download_it(tmp_path):
+    from ddp_train import doctor_probe
+    from ddp_train.config import load_config
+
+    def check(*overrides):
+        return doctor_probe.dataset(load_config(None, ["data.name=mnist", f"data.root={tmp_path}", *overrides]))
+
+    (later, none), (missing, _) = check(), check("data.download=false")
+    assert none is None and later.status == WARN and "downloads it" in later.fix
+    assert missing.status == FAIL and "data.root" in missing.fix
+    assert not list(tmp_path.iterdir())  # the doctor downloaded nothing

@@ -35,10 +35,11 @@ def driver_version() -> str | None:
 
 def versions(nproc: int, backend: str) -> list[Check]:
     """torch, CUDA (+ driver), NCCL, and the GPUs this node shows against the processes it will run."""
-    import torchvision
+    from .rundir.files import versions as installed
 
-    checks = [Check("torch", OK, f"{torch.__version__} (torchvision {torchvision.__version__}, CUDA build "
-                                 f"{torch.version.cuda or 'none'})")]
+    known = installed()
+    checks = [Check("torch", OK, f"{known['torch']} (torchvision {known['torchvision']}, CUDA build "
+                                 f"{known['cuda'] or 'none'})")]
     driver = driver_version()
     if torch.cuda.is_available():
         n = torch.cuda.device_count()

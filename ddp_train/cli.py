@@ -2,7 +2,7 @@
 process, so a user mistake exits 2 before any worker starts, then execs torchrun or the engine.
 
   ddp-train [--nproc-per-node N] [--nnodes N --rdzv-endpoint HOST:PORT] [--max-restarts K] [CONFIG] [k=v ...]
-  ddp-train verify-resume|compare|evaluate|export|predict ...   (= python -m ddp_train.<tool>)
+  ddp-train verify-resume|compare|evaluate|export|predict|doctor ...   (= python -m ddp_train.<tool>)
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 import sys
 
 TOOLS = {"verify-resume": "ddp_train.verify_resume", "compare": "ddp_train.compare", "evaluate": "ddp_train.evaluate",
-         "export": "ddp_train.export", "predict": "ddp_train.predict"}
+         "export": "ddp_train.export", "predict": "ddp_train.predict", "doctor": "ddp_train.doctor"}
 
 
 def _parser() -> argparse.ArgumentParser:

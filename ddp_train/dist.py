@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .env import DistEnv, getenv, restart_count, setenv
 from .errors import UserError
+from .netcheck import loopback_problem, resolve
 
 # ---------------------------------------------------------------------------------- process group
 _CONTROL_GROUP = None  # gloo, parallel.timeout_s: small CPU-side agreements when the main backend is NCCL
@@ -72,33 +73,13 @@ def warm() -> None:
         setter(_TRAINING_TIMEOUT, _CONTROL_GROUP)
 
 
-def loopback_problem(host: str, host_ip: str | None, master: str, master_ip: str | None) -> str | None:
-    """Why gloo cannot work across nodes here, or None. Gloo listens on the address this host's name
-    resolves to; a name mapped to 127.0.1.1 (Debian and most container images) makes it listen on
-    loopback, where other machines cannot connect. Everything on loopback (the master too) is one machine."""
-    if host_ip is None or not host_ip.startswith("127."):
-        return None
-    if master_ip is not None and master_ip.startswith("127."):
-        return None
-    return (f"this host's name {host!r} resolves to {host_ip} (loopback), so gloo would listen where the other "
-            f"nodes cannot reach it (MASTER_ADDR={master}): set GLOO_SOCKET_IFNAME to the network interface "
-            "they reach (e.g. GLOO_SOCKET_IFNAME=eth0), or map the hostname to its real address in /etc/hosts")
-
-
 def check_gloo_address(env: DistEnv) -> None:
     if env.world_size <= env.local_world_size or getenv("GLOO_SOCKET_IFNAME"):
         return  # one node, or the interface is chosen explicitly
     host = socket.gethostname()
-    problem = loopback_problem(host, _resolve(host), env.master_addr, _resolve(env.master_addr))
+    problem = loopback_problem(host, resolve(host), env.master_addr, resolve(env.master_addr))
     if problem:
         raise UserError(problem)
-
-
-def _resolve(name: str) -> str | None:
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        return None
 
 
 def side_store(env: DistEnv, timeout_s: float):

@@ -199,6 +199,12 @@ def slurm_cpus_per_task() -> int | None:
     return int(cpus) if cpus.isdigit() else None
 
 
+def slurm_nodes() -> int | None:
+    """Nodes of this SLURM job (SLURM_JOB_NUM_NODES), None outside SLURM."""
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES", "")
+    return int(nodes) if nodes.isdigit() else None
+
+
 def slurm_restarts() -> int:
     """How many times SLURM requeued this job (SLURM_RESTART_COUNT)."""
     value = os.environ.get("SLURM_RESTART_COUNT", "0")

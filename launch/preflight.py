@@ -2,20 +2,20 @@
 exit 2, no job. A bad request found here costs seconds; found by SLURM it costs a queue wait."""
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ddp_train import doctor_checks
 from ddp_train.config import Config, micro_batch_size
+from ddp_train.doctor_checks import last_save_seconds
 from ddp_train.errors import UserError
 from ddp_train.rundir.naming import ensure_writable
 from ddp_train.usercode import check_paths
 
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run")
-SAVE_MARGIN = 2.0  # the signal delay must cover a step still in flight plus the save, under load
 
 
 @dataclass
@@ -103,40 +103,29 @@ def check_run_root(root: Path, req: Request) -> None:
     ensure_writable(root, f"run.root={root}", "the run root")
 
 
-def last_save_seconds(root: Path, run_name: str | None) -> tuple[float, float, Path] | None:
-    """(save seconds, step seconds, summary.json): the newest measured checkpoint save under run.root
-    (the named run's own first); the longest save of that run when it recorded one."""
-    candidates = [root / run_name / "summary.json"] if run_name else []
-    candidates += sorted(root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        seconds = summary.get("checkpoint_save_max_s") or summary.get("checkpoint_save_s")
-        if isinstance(seconds, (int, float)):
-            step = summary.get("step_time_s")
-            return float(seconds), float(step) if isinstance(step, (int, float)) else 0.0, path
-    return None
-
-
 def check_signal_delay(req: Request, root: Path, run_name: str | None) -> str | None:
-    """A preemption save needs one step to reach the step boundary, then the save. Refuses a delay that
-    cannot cover that (the save would be killed); returns a warning when the margin is under 2x (a loaded
-    filesystem is slower than the measurement)."""
-    known = last_save_seconds(root, run_name)
-    if not known:
-        return None
-    save, step, where = known
-    need = save + step
-    advice = f"use --signal-delay {int(SAVE_MARGIN * need) + 30} or more"
-    if req.signal_delay_s <= need:
-        raise UserError(f"--signal-delay {req.signal_delay_s}s is too short: the last checkpoint save took "
-                        f"{save:.0f} s plus a step of {step:.1f} s ({where}); {advice}")
-    if req.signal_delay_s < SAVE_MARGIN * need:
-        return (f"--signal-delay {req.signal_delay_s}s leaves little margin: the last save took {save:.0f} s plus "
-                f"a step of {step:.1f} s ({where}); {advice}")
-    return None
+    """The doctor's check of the signal delay against the last measured save: a fail is refused (the save
+    would be killed), a warning is returned."""
+    check = doctor_checks.signal_delay(req.signal_delay_s, f"--signal-delay {req.signal_delay_s}s",
+                                       lambda n: f"--signal-delay {n}", last_save_seconds(root, run_name))
+    return _raise_or_warn(check)
+
+
+def check_disk(cfg: Config, root: Path) -> str | None:
+    """Free disk under run.root against the checkpoints the run keeps, sized by the newest checkpoint a
+    previous run left there (the login node builds no model)."""
+    measured = doctor_checks.measured_checkpoint_bytes(root)
+    copies = cfg.checkpoint.keep_last + cfg.checkpoint.keep_best + 1
+    check = doctor_checks.disk_space(root, copies, measured[0] if measured else None,
+                                     source=f"as {measured[1]}" if measured else "")
+    return _raise_or_warn(check)
+
+
+def _raise_or_warn(check: doctor_checks.Check) -> str | None:
+    message = f"{check.detail}; {check.fix}" if check.fix else check.detail
+    if check.status == doctor_checks.FAIL:
+        raise UserError(message)
+    return message if check.status == doctor_checks.WARN else None
 
 
 def default_cpus_per_task(req: Request) -> int | None:

@@ -123,9 +123,10 @@ def _main(args) -> int:
         cfg = load_config(config_path, fixed + element)  # a bad swept key or value fails here, by name
         preflight.check_config(cfg, req, " ".join(element) if len(elements) > 1 else "")
     preflight.check_run_root(root, req)
-    warning = preflight.check_signal_delay(req, root, base.run.name)
-    if warning:
-        print(f"launch.slurm: warning: {warning}", file=sys.stderr, flush=True)
+    # the torch-free part of `python -m ddp_train.doctor`, on the login node
+    for warning in (preflight.check_signal_delay(req, root, base.run.name), preflight.check_disk(base, root)):
+        if warning:
+            print(f"launch.slurm: warning: {warning}", file=sys.stderr, flush=True)
     preflight.check_slurm(req)
 
     folder = Path(args.folder).resolve() if args.folder else root / "slurm_logs" / "%j"

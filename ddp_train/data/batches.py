@@ -26,6 +26,7 @@ from .types import DataInfo, ImageTensors, Splits
 
 RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
 RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
+PREFETCH_FACTOR = 4  # batches each DataLoader worker keeps ready (in shared memory: the doctor sizes /dev/shm by it)
 
 
 def use_device_resident(cfg: DataConfig, splits: Splits, device: torch.device) -> bool:
@@ -155,7 +156,7 @@ def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.dev
             seed: int, ignore_signals: list[str]) -> DataLoader:
     return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
                       pin_memory=cfg.pin_memory and device.type == "cuda",
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                      persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
                       worker_init_fn=_IgnoreSignals(ignore_signals) if workers > 0 else None,
                       # its own generator: iterating must not draw from the global RNG (dropout's stream)
                       generator=torch.Generator().manual_seed(seed))

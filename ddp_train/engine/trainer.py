@@ -23,7 +23,7 @@ from .early_stop import EarlyStopping
 from .ema import EMA
 from .evaluation import evaluate
 from .loss import CrossEntropy, LossFn
-from .nan_guard import Diverged, NanGuard, global_grad_norm, spans
+from .nan_guard import Diverged, GradNorm, NanGuard, spans
 from .parallel import grad_sync
 from .precision import Precision
 from .preempt import Preemption
@@ -57,6 +57,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.ema, self.early, self.best = ema, early, best
         self.guard = guard or NanGuard(False, 1)
+        self.grad_norm = GradNorm(wrapped)
         self.sentinel, self.stats, self.profiler = sentinel, stats, profiler
         self.flops, self.peak_tflops = flops, peak_tflops
         self.tflops: list[float] = []  # per log window, for the summary
@@ -97,7 +98,7 @@ class Trainer:
         applied = True
         if clip is not None or self.guard.enabled:
             scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
-            norm = global_grad_norm(self.wrapped, clip)
+            norm = self.grad_norm(clip)
             # the same on every rank. fp16: an overflow is GradScaler's routine (it skips the step and
             # halves the scale); only once the scale fell below 1 is a non-finite norm the model's
             applied = not self.guard.enabled or self.guard.finite(norm) or (

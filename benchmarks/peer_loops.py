@@ -80,7 +80,9 @@ class Gate:
             self._report(window=n // self.window - 1, steps=self.window, wall=t - self.t0,
                          minflt=flt - self.flt0, maxrss_kb=_maxrss_kb())
         else:
-            self._report(ready=True, threads=torch.get_num_threads())
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            self._report(ready=True, threads=torch.get_num_threads(),
+                         world=torch.distributed.get_world_size() if dist else 1)
         self._wait()
         self.flt0, self.t0 = _minflt(), time.perf_counter()
 

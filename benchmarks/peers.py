@@ -162,7 +162,10 @@ def measure(names: list[str], args, reports: Reports) -> dict:
     try:
         for n in names:  # one at a time: each start-up runs alone, the others wait blocked
             contenders[n] = c = Contender(n, args)
-            data[n]["threads"] = reports.collect(c, "ready", True, args.timeout)[0]["threads"]
+            ready = reports.collect(c, "ready", True, args.timeout)
+            if any(r["world"] != args.nproc for r in ready):  # a contender that did not really go distributed
+                raise c.fail(f"runs with a process group of {ready[0]['world']}, not {args.nproc}")
+            data[n]["threads"] = ready[0]["threads"]
             print(f"[peers] {n} ready after {time.time() - c.started:.1f} s", file=sys.stderr, flush=True)
         window = 0
 

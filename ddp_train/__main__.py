@@ -32,6 +32,9 @@ def run_command(argv: list[str], on_preempted=None) -> int:
 
 
 def main() -> None:
+    from .allocator import fix_malloc_thresholds
+
+    fix_malloc_thresholds()  # before torch's import makes the first large allocations
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # @record: a crashing rank's traceback is written where torchrun shows it, and the job ends.

@@ -110,12 +110,16 @@ class SampleKeyed(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
+        # our own normalised tensors draw nothing: seeding three generators per sample would only cost time
+        self.draws = not isinstance(dataset, NormalisedTensors)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
+        if not self.draws:
+            return self.dataset[index]
         # In a worker nothing else uses the global generators; in the training process they are dropout's.
         with keyed_rng(self.seed, epoch, index, restore=get_worker_info() is None):
             return self.dataset[index]

@@ -13,6 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
+
+def global_grad_norm(wrapped: nn.Module, clip: float | None) -> torch.Tensor:
+    """The total gradient norm over every rank's gradients (FSDP2 reduces it across shards), clipping to
+    `clip` when set; without a clip only the norm (one pass over the gradients, no rescale)."""
+    if clip is not None or not hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip if clip is not None else float("inf"))
+    return torch.nn.utils.get_total_norm([p.grad for p in wrapped.parameters() if p.grad is not None])
 
 
 class Diverged(Exception):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..allocator import fix_malloc_thresholds
 from ..config import Config, micro_batch_size, total_steps
 from ..data import EvalBatches, TrainBatches, load_distributed, use_device_resident
 from ..data.user import object_source, user_source
@@ -120,6 +121,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             components: Components | None = None) -> Outcome:
     given = components or Components()
     started = time.time()
+    malloc = fix_malloc_thresholds()  # done already by `python -m ddp_train`; here for ddp_train.fit and SLURM
     env = from_env()
     micro = micro_batch_size(cfg, env.world_size)  # a user error before any collective or data work
     configure_backends(cfg.train.deterministic, cfg.train.cudnn_benchmark, cfg.train.tf32)
@@ -214,14 +216,17 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             if obs.sentinel is not None:  # W&B's finish on the way out is not a hang
                 obs.sentinel.stop()
             raise
-        memory = dist.all_gather_object(peak_memory(device))  # every rank's peaks, for the summary
+        # every rank's peaks and page faults, for the summary
+        memory = dist.all_gather_object({**peak_memory(device), **trainer.counters.summary()})
         if env.is_main:
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)
             summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
             summary["hosts_per_rank"] = hosts
+            summary.update(malloc=malloc, minor_faults_per_step=memory[0]["minor_faults_per_step"],
+                           peak_rss_growth_mb=memory[0]["peak_rss_growth_mb"])
             summary.update(summary_fields(obs, trainer.tflops))
             for row, m in zip(summary["per_rank"], memory):
-                row["peak_rss_gb"] = m["peak_rss_gb"]
+                row.update({k: m[k] for k in ("peak_rss_gb", "minor_faults_per_step", "peak_rss_growth_mb")})
             if device.type == "cuda":
                 summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             files.write_json(run_dir / "summary.json", summary)

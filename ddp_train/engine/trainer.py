@@ -16,13 +16,14 @@ from ..env import DistEnv
 from ..tracking.loggers import Logger, Progress
 from ..tracking.profiling import ProfileWindow
 from ..tracking.rank_stats import RankStats
+from ..tracking.sysinfo import ProcessCounters
 from .best import BestCheckpoints
 from .checkpointing import CheckpointManager
 from .early_stop import EarlyStopping
 from .ema import EMA
 from .evaluation import evaluate
 from .loss import CrossEntropy, LossFn
-from .nan_guard import Diverged, NanGuard, spans
+from .nan_guard import Diverged, NanGuard, global_grad_norm, spans
 from .parallel import grad_sync
 from .precision import Precision
 from .preempt import Preemption
@@ -31,14 +32,7 @@ from .state import LossWindow, TrainProgress
 
 log = logging.getLogger("ddp_train")
 WARM_STEPS = 2  # start-up, resume and the first (compiling) step run under parallel.init_timeout_s
-
-
-def global_grad_norm(wrapped: nn.Module, clip: float | None) -> torch.Tensor:
-    """The total gradient norm over every rank's gradients (FSDP2 reduces it across shards), clipping to
-    `clip` when set; without a clip only the norm (one pass over the gradients, no rescale)."""
-    if clip is not None or not hasattr(torch.nn.utils, "get_total_norm"):
-        return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip if clip is not None else float("inf"))
-    return torch.nn.utils.get_total_norm([p.grad for p in wrapped.parameters() if p.grad is not None])
+PACE_STEPS = 8  # steps timed after warming up, to space the preemption votes
 
 
 class Preempted(Exception):
@@ -75,6 +69,7 @@ class Trainer:
         self._window_wait_s = 0.0
         self._fit_start: float | None = None
         self._first_step = 0
+        self.counters = ProcessCounters()  # minor faults and RSS growth per log window
 
     # ---------------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -119,7 +114,7 @@ class Trainer:
         p, t = self.progress, self.cfg.train
         bar = Progress(self.cfg.log.progress_bar and self.env.is_main, self.total_steps, initial=p.step)
         batches = self._global_batches()
-        self._fit_start = window_start = time.perf_counter()
+        self._fit_start = window_start = warm_at = time.perf_counter()
         self._first_step = p.step
         self.wrapped.train()
         if self.sentinel is not None:
@@ -157,6 +152,9 @@ class Trainer:
                     dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
                     if self.sentinel is not None:
                         self.sentinel.warm = True
+                    warm_at = time.perf_counter()
+                elif p.step == self._first_step + WARM_STEPS + PACE_STEPS:
+                    self.preemption.pace((time.perf_counter() - warm_at) / PACE_STEPS)
                 if p.step % t.log_every_steps == 0 or p.step == self.total_steps:
                     self._phase("log")
                     self._log_train(time.perf_counter() - window_start)
@@ -262,7 +260,8 @@ class Trainer:
 
     def _save(self, reason: str) -> None:
         self._phase("checkpoint")
-        self.checkpointer.save(self.progress.step, reason, self.step_time_s())
+        with self.counters.excluded():
+            self.checkpointer.save(self.progress.step, reason, self.step_time_s())
         self._progressed()
 
     def _log_train(self, seconds: float) -> None:
@@ -290,12 +289,17 @@ class Trainer:
         if self.stats is not None:  # one small all-gather on the CPU group
             metrics.update(self.stats.gather(self._window_wait_s, seconds, max(timed, 1))[0])
         self._window_wait_s = 0.0
+        metrics.update(self.counters.window(max(timed, 1)))
         if self.device.type == "cuda":
             metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.logger.log_metrics(metrics, self.progress.step)
         w.reset()
 
     def run_eval(self) -> dict:
+        with self.counters.excluded():
+            return self._run_eval()
+
+    def _run_eval(self) -> dict:
         self._phase("eval")
         dist.broadcast_buffers(self.model)  # evaluate the model the checkpoint holds, on every rank
         dummy = self.evals.dummy_input() if self.cfg.parallel.strategy == "fsdp" else None

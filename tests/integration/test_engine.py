@@ -92,6 +92,10 @@ def test_embedded_default_reaches_97_percent_and_writes_the_run_directory(tmp_pa
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["name"] == "cnn_dropout"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert sum("val/top1" in r for r in rows) == 12 and any("train/loss" in r for r in rows)
+    # the allocator fix (issue 21): fixed thresholds, and no pages faulted in again step after step
+    assert summary["malloc"]["mode"] == "fixed"
+    assert all("sys/minor_faults_per_step" in r and "sys/peak_rss_growth_mb" in r for r in rows if "train/loss" in r)
+    assert [r["minor_faults_per_step"] < 50 for r in summary["per_rank"]] == [True, True], summary["per_rank"]
     for name in ("train.log", "plots/curves.png", "plots/confusion_matrix.png", "plots/confusion_matrix.csv"):
         assert (run_dir / name).stat().st_size > 0, name
     assert len(list((run_dir / "checkpoints").glob("step_*.pt"))) == 3  # keep_last

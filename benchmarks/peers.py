@@ -3,6 +3,7 @@
   python benchmarks/peers.py [--data-path device|dataloader] [--nproc 1|2] [--device cpu|cuda]
                              [--rounds 5] [--steps 160] [--window 20] [--warmup-windows 2]
                              [--threads N] [--contenders hand,hand_dl,...] [--no-startup] [--json PATH]
+                             [--engine-override KEY=VALUE ...]
 
 Six contenders (benchmarks/peer_loops.py): hand (pre-normalised tensors, randperm), hand_dl (the hand loop
 fed by a DataLoader), lightning (Trainer), fabric, accelerate and ddp_train (`python -m ddp_train
@@ -60,7 +61,7 @@ def contender_command(name: str, args) -> list[str]:
                  f"train.global_batch_size={GLOBAL_BATCH}", "train.precision=fp32", "train.epochs=100000",
                  "train.eval_every_epochs=100000", "optim.name=adam", "optim.lr=1e-3", "sched.name=constant",
                  "checkpoint.every_epochs=null", "log.wandb.mode=disabled", "log.progress_bar=false"]
-    return launch + (["-m", "ddp_train"] if args.nproc > 1 else ["-m", "ddp_train"]) + overrides
+    return launch + ["-m", "ddp_train"] + overrides + args.engine_overrides
 
 
 def contender_env(name: str, args, startup_steps: int = 0) -> dict:
@@ -242,6 +243,8 @@ def main() -> None:
                    help="intra-op threads per process, for every contender (default: ddp_train's rule, the "
                         "CPUs over --nproc less the 2 DataLoader workers on the dataloader path, at least 1)")
     p.add_argument("--contenders", default=",".join(ALL))
+    p.add_argument("--engine-override", dest="engine_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra ddp_train override (repeatable), e.g. train.nan_guard=false, to find a cost")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up-to-end-of-epoch-1 pass")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for any one report")
     p.add_argument("--json", type=Path, default=None)
@@ -286,7 +289,8 @@ def main() -> None:
     result = {"config": {"data_path": args.data_path, "nproc": args.nproc, "device": args.device,
                          "rounds": args.rounds, "steps": args.steps, "window": args.window,
                          "warmup_windows": args.warmup_windows, "threads": args.threads,
-                         "global_batch": GLOBAL_BATCH, "baseline": baseline, "command": " ".join(sys.argv)},
+                         "global_batch": GLOBAL_BATCH, "baseline": baseline,
+                         "engine_overrides": args.engine_overrides, "command": " ".join(sys.argv)},
               "hardware": hardware(args.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "contenders": summary, "goal": goal}
 

@@ -292,6 +292,7 @@ def validate(cfg: Config) -> None:
              "must be at least 5 s (a heartbeat goes every few seconds), or 0 for off", p.hang_timeout_s)
     _require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1", t.max_bad_steps)
     _require(t.peak_tflops is None or t.peak_tflops > 0, "train.peak_tflops", "must be > 0 or null", t.peak_tflops)
+    _require(cfg.log.progress_every_s > 0, "log.progress_every_s", "must be > 0", cfg.log.progress_every_s)
     _require(cfg.log.straggler_factor > 1, "log.straggler_factor", "must be > 1", cfg.log.straggler_factor)
     pr = cfg.profile
     _require(pr.steps is None or (len(pr.steps) == 2 and 1 <= pr.steps[0] <= pr.steps[1]), "profile.steps",

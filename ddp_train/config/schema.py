@@ -168,7 +168,11 @@ class WandbConfig:
 
 @dataclass
 class LogConfig:
-    progress_bar: bool = opt(True, "tqdm progress bar on rank 0")
+    progress_bar: Literal["auto", "always", "never"] | bool = opt(
+        "auto", "auto: a tqdm bar when rank 0's stdout is a terminal, else plain progress lines (files, SLURM "
+                ".out); always | never (a bar regardless / plain lines only); true/false mean auto/never")
+    progress_every_s: float = opt(30.0, "without a bar: one progress line (step/total, epoch, samples/s, loss, "
+                                        "elapsed, ETA) every this many seconds, and one at each epoch end")
     tensorboard: bool = opt(False, "also write the metrics as TensorBoard events under RUN_DIR/tb/")
     straggler_factor: float = opt(1.5, "warn once when one rank's own time per step (data wait + forward) is "
                                        "this many times the median rank's for 3 log intervals")

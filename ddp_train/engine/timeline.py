@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..env import getenv
+from ..env import getenv, process_start_time
 
 # (field, from mark, to mark): consecutive, so the parts add up to the whole
 STARTUP = (("launcher_s", "launch", "process"), ("import_s", "process", "entered"),
@@ -17,23 +17,11 @@ TEARDOWN = (("final_eval_and_checkpoint_s", "last_step", "fit_done"), ("summary_
             ("loggers_finish_s", "summary", "finished"), ("shutdown_s", "finished", "end"))
 
 
-def process_start(pid: int | str = "self") -> float | None:
-    """A process's start as a wall-clock time (Linux: /proc/<pid>/stat field 22, in clock ticks after boot)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
 class Timeline:
     def __init__(self):
-        own = process_start()
+        own = process_start_time()
         # under torchrun the launch is the agent's start (our parent); ddp-train execs torchrun in place
-        agent = process_start(os.getppid()) if getenv("TORCHELASTIC_RUN_ID") else None
+        agent = process_start_time(os.getppid()) if getenv("TORCHELASTIC_RUN_ID") else None
         self.marks: dict[str, float] = {"launch": agent or own or time.time(), "process": own or time.time()}
         self.mark("entered")
 

@@ -20,7 +20,8 @@ def wrap(model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, env: DistEnv
         wrapped = shard_model(model, tcfg, env)
     elif env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
-        wrapped = DDP(model, device_ids=device_ids)
+        # gradients as views into the all-reduce buckets: no copy into the buckets and back every step
+        wrapped = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
     else:
         wrapped = model
     if tcfg.compile:

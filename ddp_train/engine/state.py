@@ -49,34 +49,42 @@ class TrainProgress:
 
 
 class LossWindow:
-    """This rank's summed loss over the steps since the last log, on the device (no host sync per step).
-    Checkpoints carry it per rank, so the first loss logged after a resume averages the same steps as an
-    uninterrupted run's. `untimed` counts restored steps, which the throughput of the window must skip."""
+    """This rank's summed loss and top-1 hits over the steps since the last log, on the device (no host
+    sync per step); the samples scored are counted on the host, where the batch size is known. Checkpoints
+    carry it per rank, so the first loss logged after a resume averages the same steps as an uninterrupted
+    run's. `untimed` counts restored steps, which the throughput of the window must skip."""
 
     def __init__(self, device: torch.device, rank: int = 0):
         self.sum = torch.zeros((), device=device)
-        self.hits = torch.zeros(2, dtype=torch.int64, device=device)  # correct top-1, samples scored
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)  # top-1 hits
+        self.scored = 0  # samples with hard labels (mixup/CutMix batches score none)
         self.steps = 0
         self.untimed = 0
         self.rank = rank
 
-    def add(self, loss: torch.Tensor, hits: torch.Tensor | None = None) -> None:
+    def add(self, loss: torch.Tensor, correct: torch.Tensor | None = None, scored: int = 0) -> None:
         self.sum += loss
-        if hits is not None:
-            self.hits += hits
+        if correct is not None:
+            self.correct += correct
+        self.scored += scored
         self.steps += 1
+
+    def packed(self) -> torch.Tensor:
+        """[loss sum, hits, scored] as float64, for the log step's one all-reduce."""
+        return torch.stack([self.sum.detach().double(), self.correct.double(),
+                            torch.tensor(float(self.scored), dtype=torch.float64, device=self.sum.device)])
 
     def reset(self) -> None:
         self.sum.zero_()
-        self.hits.zero_()
-        self.steps = self.untimed = 0
+        self.correct.zero_()
+        self.scored = self.steps = self.untimed = 0
 
     def state_dict(self) -> dict[str, Any]:  # a sync, but only when saving
-        return {"sum": self.sum.item(), "steps": self.steps, "hits": self.hits.tolist()}
+        return {"sum": self.sum.item(), "steps": self.steps, "hits": [self.correct.item(), self.scored]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sum.fill_(float(state["sum"]))
-        self.hits.copy_(torch.tensor(state.get("hits", [0, 0])))
+        self._set_hits(state.get("hits", [0, 0]))
         self.steps = self.untimed = int(state["steps"])
 
     def load_from_other_world(self, states: list[dict[str, Any]]) -> None:
@@ -85,8 +93,12 @@ class LossWindow:
         all the hit counts (a ratio of sums)."""
         self.sum.fill_(sum(float(s["sum"]) for s in states) / len(states))
         hits = [sum(s.get("hits", [0, 0])[i] for s in states) for i in (0, 1)] if self.rank == 0 else [0, 0]
-        self.hits.copy_(torch.tensor(hits))
+        self._set_hits(hits)
         self.steps = self.untimed = int(states[0]["steps"])
+
+    def _set_hits(self, hits: list[int]) -> None:
+        self.correct.fill_(int(hits[0]))
+        self.scored = int(hits[1])
 
 
 class RNGState:

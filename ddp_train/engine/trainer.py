@@ -77,13 +77,13 @@ class Trainer:
         self._bar: Progress | None = None  # fit()'s, fed the logged train/loss
 
     # ---------------------------------------------------------------------------------------- step
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """One optimizer step over one global batch; returns this rank's loss and its (top-1 hits, samples)
-        counts, still on the device (soft mixup/CutMix targets count no hits: that is not accuracy), and
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+        """One optimizer step over one global batch; returns this rank's loss and top-1 hits, still on the
+        device, the samples scored (soft mixup/CutMix targets score none: that is not accuracy), and
         whether the step was applied (False: the NaN guard found a non-finite gradient norm)."""
         accum = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        hits = torch.zeros(2, dtype=torch.int64, device=self.device)
+        loss_sum = correct = None
+        scored = 0
         for i, (x, y) in enumerate(micro_batches):
             with grad_sync(self.wrapped, i == accum - 1), self.precision.autocast():
                 timed = self.stats.forward_started() if self.stats else None
@@ -92,10 +92,12 @@ class Trainer:
                 if self.stats:
                     self.stats.forward_done(timed)
                 self.precision.scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach() / accum
+            part = loss.detach() / accum if accum > 1 else loss.detach()
+            loss_sum = part if loss_sum is None else loss_sum + part
             if y.dim() == 1:
-                hits[0] += (logits.detach().argmax(1) == y).sum()
-                hits[1] += len(y)
+                hits = (logits.detach().argmax(1) == y).sum()
+                correct = hits if correct is None else correct + hits
+                scored += len(y)
         scaler, clip = self.precision.scaler, self.cfg.train.grad_clip
         applied = True
         if clip is not None or self.guard.enabled:
@@ -112,7 +114,7 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None and applied:
             self.ema.update(self.model)
-        return loss_sum, hits, applied
+        return loss_sum, correct, scored, applied
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self) -> dict:
@@ -141,14 +143,14 @@ class Trainer:
                     applied = None
                     self.scheduler.step()
                 else:
-                    loss, hits, applied = self.train_step(micro)
+                    loss, correct, scored, applied = self.train_step(micro)
                 p.stepped()
                 self._progressed()
                 self.first_step_at = self.first_step_at or time.time()
                 if self.profiler is not None:
                     self.profiler.after_step(p.step)
                 if applied:
-                    self.window.add(loss, hits)
+                    self.window.add(loss, correct, scored)
                 if applied is not None and self.guard.record(p.step, applied):
                     self._rollback()
                     batches = self._global_batches()
@@ -278,7 +280,7 @@ class Trainer:
         # at any world size.
         w = self.window
         timed = w.steps - w.untimed  # steps restored from a checkpoint were not timed in this process
-        packed = dist.all_reduce_sum(torch.cat([w.sum.detach().double().view(1), w.hits.double()])).tolist()
+        packed = dist.all_reduce_sum(w.packed()).tolist()
         metrics = {"epoch": self.progress.epoch}
         if w.steps:  # every step of the window may have been skipped by the NaN guard
             metrics["train/loss"] = packed[0] / (w.steps * self.env.world_size)

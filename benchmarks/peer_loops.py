@@ -110,7 +110,9 @@ class PeerCNN(nn.Module):
             torch.set_num_threads(int(os.environ["PEERS_THREADS"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate is not None and self.training and torch.is_grad_enabled() and x.device.type != "meta":
+        # not the engine's probes: meta (FLOPs) and fake tensors (train.channels_last=auto)
+        probe = x.device.type == "meta" or type(x) is not torch.Tensor
+        if self.gate is not None and self.training and torch.is_grad_enabled() and not probe:
             self.gate.step(x.device)
         return self.classifier(self.features(x))
 

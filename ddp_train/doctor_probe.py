@@ -127,10 +127,17 @@ def build(cfg: Config, info, device: torch.device) -> tuple[torch.nn.Module, int
     """(model on `device`, parameter bytes, buffer bytes), built and seeded as the engine builds it."""
     from .models import build_model
 
+    from .engine.memory_format import use_channels_last
+
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, info)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # the engine's choice, so the probes time the run's memory format (one process: never sharded)
+    cfg.train.channels_last = use_channels_last(cfg.train.channels_last, model, (info.in_channels, *info.image_size),
+                                                device, sharded=False)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device), params, buffers
 
 

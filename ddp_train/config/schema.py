@@ -76,6 +76,9 @@ class OptimConfig:
     momentum: float = opt(0.9, "momentum of sgd")
     nesterov: bool = opt(False, "sgd Nesterov momentum")
     betas: list[float] = opt([0.9, 0.999], "the betas of adam and adamw")
+    implementation: Literal["auto", "fused", "foreach", "for_loop"] = opt(
+        "auto", "the optimizer's kernels: auto = fused where torch has them for the parameters (not FSDP's "
+                "sharded ones), else torch's default; fused/foreach/for_loop force one")
 
 
 @dataclass
@@ -107,7 +110,9 @@ class TrainConfig:
     loss: str = opt("cross_entropy", "cross_entropy, or pkg.module:fn called as fn(logits, targets) -> scalar")
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing")
     compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = opt(False, "torch.compile the wrapped model, in this mode")
-    channels_last: bool = opt(False, "channels_last memory format for model and batches")
+    channels_last: bool | Literal["auto"] = opt(
+        "auto", "channels_last memory format for model and batches; auto: on for 2-D convolutional models on "
+                "the CPU (oneDNN's NHWC kernels), off on GPUs (not measured yet) and under FSDP")
     log_every_steps: int = opt(10, "log the mean training loss every this many steps")
     eval_every_epochs: int = opt(1, "evaluate on the test split every this many epochs (and at the end)")
     eval_batch_size: int = opt(1000, "per-rank evaluation batch size")

@@ -81,6 +81,7 @@ def load_consolidated(model: nn.Module, optimizer: torch.optim.Optimizer, model_
         sd.set_model_state_dict(model, model_sd, options=sd.StateDictOptions(full_state_dict=True))
     else:
         model.load_state_dict(model_sd, strict=True)
+    optim_sd = _with_our_kernels(optimizer, optim_sd)
     if _keyed_by_index(optim_sd):  # written by optimizer.state_dict() (checkpoint format 1)
         optimizer.load_state_dict(optim_sd)
     elif not is_fsdp(model):
@@ -88,6 +89,17 @@ def load_consolidated(model: nn.Module, optimizer: torch.optim.Optimizer, model_
     else:
         sd = _dcp()
         sd.set_optimizer_state_dict(model, optimizer, optim_sd, options=sd.StateDictOptions(full_state_dict=True))
+
+
+KERNEL_KEYS = ("fused", "foreach")  # optim.implementation, as torch keeps it in every param group
+
+
+def _with_our_kernels(optimizer: torch.optim.Optimizer, optim_sd: dict) -> dict:
+    """A checkpoint's param groups carry the kernels of the run that saved it, and load_state_dict would
+    restore them; this run's choice stands (a DDP run's fused=True has no kernel for the DTensors of an
+    FSDP run resuming from it, and optim.implementation may have been changed on purpose)."""
+    ours = {k: optimizer.defaults[k] for k in KERNEL_KEYS if k in optimizer.defaults}
+    return {**optim_sd, "param_groups": [{**g, **ours} for g in optim_sd.get("param_groups", [])]}
 
 
 def _keyed_by_index(optim_sd: dict) -> bool:
@@ -115,6 +127,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     dcp.load(state, checkpoint_id=str(directory))
     sd = _dcp()
     sd.set_model_state_dict(model, state["model"])
-    sd.set_optimizer_state_dict(model, optimizer, state["optim"])
+    sd.set_optimizer_state_dict(model, optimizer, _with_our_kernels(optimizer, state["optim"]))
     for name, m in (modules or {}).items():
         sd.set_model_state_dict(m, state[f"module.{name}"])

@@ -14,10 +14,33 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kernels = implementation(cfg.implementation, decay + no_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernels)
+
+
+def implementation(choice: str, params: list[torch.Tensor]) -> dict:
+    """The optimizer's fused/foreach keywords. auto = fused: one kernel for all parameters instead of
+    torch's default on the CPU, a Python loop of ~10 ops per parameter (Adam on the seeds' CNN: 0.76 vs
+    2.5 ms a step on 2 vCPUs), and on a GPU the same kernel torchtitan defaults to; with GradScaler it
+    skips an overflowed step on the device, without a host sync. Not for FSDP's sharded parameters
+    (DTensors, which have `placements`): torch's default handles those on every backend."""
+    if choice == "fused":
+        return {"fused": True}
+    if choice in ("foreach", "for_loop"):
+        return {"foreach": choice == "foreach"}
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices  # private: may move
+
+        fusable = _get_fused_kernels_supported_devices()
+    except ImportError:
+        fusable = ["cuda"]
+    if params and all(p.is_floating_point() and p.device.type in fusable and not hasattr(p, "placements")
+                      for p in params):
+        return {"fused": True}
+    return {}
 
 
 def lr_factor(cfg: SchedConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:

@@ -37,6 +37,7 @@ from .fsdp import is_fsdp, shard_model
 from .loss import build_loss
 from .nan_guard import Diverged
 from .observe import build_observers, summary_fields
+from .memory_format import use_channels_last
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision, configure_backends
@@ -163,7 +164,9 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             code = [source_dir(p) for p in (cfg.model.name, cfg.data.name, cfg.train.loss) if is_import_path(p)]
             code = list(dict.fromkeys(c for c in code if c))
             files.write_json(run_dir / "data_info.json", files.data_info(cfg.data, info, code))
-        if cfg.train.channels_last:
+        channels_last = use_channels_last(cfg.train.channels_last, model, (info.in_channels, *info.image_size),
+                                          device, sharded=cfg.parallel.strategy == "fsdp" and env.distributed)
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if cfg.parallel.sync_bn and env.distributed and cfg.parallel.strategy == "ddp":
             model = sync_bn.convert(model, device)
@@ -178,9 +181,9 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         resident = use_device_resident(cfg.data, splits, device)
         deaf = cfg.checkpoint.preempt_signals  # DataLoader workers ignore them: the ranks save, then stop them
         train = TrainBatches(splits.train, info, env, cfg.data, micro, cfg.train.grad_accum_steps,
-                             cfg.run.seed, device, resident, cfg.train.channels_last, deaf)
+                             cfg.run.seed, device, resident, channels_last, deaf)
         evals = EvalBatches(splits.test, info, env, cfg.data, cfg.train.eval_batch_size, device, resident,
-                            cfg.train.channels_last, deaf, seed=cfg.run.seed)
+                            channels_last, deaf, seed=cfg.run.seed)
         loaders += [train, evals]
         threads = intra_op_threads(env, 0 if resident else train.workers)
         total = total_steps(cfg, train.steps_per_epoch)
@@ -236,7 +239,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)
             summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
             summary["hosts_per_rank"] = hosts
-            summary.update(malloc=malloc, minor_faults_per_step=memory[0]["minor_faults_per_step"],
+            summary.update(malloc=malloc, channels_last=channels_last,
+                           minor_faults_per_step=memory[0]["minor_faults_per_step"],
                            peak_rss_growth_mb=memory[0]["peak_rss_growth_mb"])
             summary.update(summary_fields(obs, trainer.tflops))
             summary.update(timeline.startup())

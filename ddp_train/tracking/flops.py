@@ -49,7 +49,7 @@ def count_flops(model, sample_shape: tuple[int, ...], batch: int = 2) -> dict[st
         with FlopCounterMode(display=False) as forward:
             logits = model(x)
         with FlopCounterMode(display=False) as backward:
-            _scalar(logits).backward()
+            scalar_of(logits).backward()
         fwd = forward.get_total_flops() / batch
         return {"forward": fwd, "train": fwd + backward.get_total_flops() / batch}
     except Exception as e:  # a custom op without a meta kernel, data-dependent shapes, ...
@@ -67,7 +67,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _scalar(out) -> torch.Tensor:
+def scalar_of(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out.float().sum()
     if isinstance(out, dict):

@@ -125,9 +125,8 @@ def steps_per_rank(n: int, world: int, micro: int, accum: int) -> list[int]:
 # ---------------------------------------------------------------------------------------- model
 def build(cfg: Config, info, device: torch.device) -> tuple[torch.nn.Module, int, int]:
     """(model on `device`, parameter bytes, buffer bytes), built and seeded as the engine builds it."""
-    from .models import build_model
-
     from .engine.memory_format import use_channels_last
+    from .models import build_model
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, info)

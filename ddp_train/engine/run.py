@@ -35,9 +35,9 @@ from .early_stop import EarlyStopping
 from .ema import EMA
 from .fsdp import is_fsdp, shard_model
 from .loss import build_loss
+from .memory_format import use_channels_last
 from .nan_guard import Diverged
 from .observe import build_observers, summary_fields
-from .memory_format import use_channels_last
 from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision, configure_backends

@@ -13,13 +13,12 @@ FakeTensorMode: the CPU's shapes and strides, no memory, no compute) before anyt
 keeps NCHW. (The meta device does not do: its convolution returns NCHW whatever the input.)"""
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
 from torch import nn
 
-from ..tracking.flops import scalar_of
+from ..tracking.flops import scalar_of, shadow_copy
 
 log = logging.getLogger("ddp_train")
 
@@ -53,12 +52,12 @@ def forward_fails(model: nn.Module, sample_shape: tuple[int, ...]) -> str | None
         from torch._subclasses.fake_tensor import FakeTensorMode  # private, but what torch.compile runs on
 
         mode = FakeTensorMode()
-        memo = {}
-        for t in [*model.parameters(), *model.buffers()]:  # as model.to(memory_format=...) lays them out
+
+        def fake(t: torch.Tensor) -> torch.Tensor:  # laid out as model.to(memory_format=...) would
             layout = torch.channels_last if t.dim() == 4 else torch.preserve_format
-            fake = mode.from_tensor(torch.empty_like(t.detach(), memory_format=layout))  # pages never touched
-            memo[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else fake
-        probe = copy.deepcopy(model, memo).train()
+            return mode.from_tensor(torch.empty_like(t, memory_format=layout))  # its pages are never touched
+
+        probe = shadow_copy(model, fake).train()
         x = mode.from_tensor(torch.empty((2, *sample_shape), memory_format=torch.channels_last))
         with mode:
             scalar_of(probe(x)).backward()

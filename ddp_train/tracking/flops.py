@@ -59,11 +59,18 @@ def count_flops(model, sample_shape: tuple[int, ...], batch: int = 2) -> dict[st
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy whose parameters and buffers are meta tensors: nothing of the size of the model is
-    allocated (deepcopy's memo maps each tensor to an empty meta one before the copy reaches it)."""
+    allocated."""
+    return shadow_copy(model, lambda t: torch.empty_like(t, device="meta"))
+
+
+def shadow_copy(model: nn.Module, make) -> nn.Module:
+    """A deep copy of `model` whose every parameter and buffer is `make(tensor)` (a meta or fake tensor):
+    deepcopy's memo maps each tensor to its stand-in before the copy reaches it, so the real ones are
+    never copied."""
     memo = {}
     for t in [*model.parameters(), *model.buffers()]:
-        meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        stand_in = make(t.detach())
+        memo[id(t)] = nn.Parameter(stand_in, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else stand_in
     return copy.deepcopy(model, memo)
 
 

@@ -8,6 +8,7 @@ import sys
 def run_command(argv: list[str], on_preempted=None) -> int:
     """The engine's command line as a function (what each SLURM task runs): the exit code, and a user
     mistake printed as one line."""
+    from .ending import wait_for_rank_zero
     from .env import process_rank
     from .errors import UserError, report
 
@@ -26,9 +27,13 @@ def run_command(argv: list[str], on_preempted=None) -> int:
             return 0
         from .engine.run import run
 
-        return run(cfg, config_path, on_preempted)
+        return run(cfg, config_path, on_preempted, keep_exit_code=True)
     except UserError as e:
-        return report("ddp_train", e, process_rank())
+        rank = process_rank()
+        code = report("ddp_train", e, rank)
+        if rank != 0 and getattr(e, "shared", False):
+            wait_for_rank_zero(code)  # rank 0 prints the line: it must not be stopped before it does
+        return code
 
 
 def main() -> None:

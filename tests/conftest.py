@@ -49,6 +49,26 @@ def run_engine(args: list[str], nproc: int = 1, cwd: Path | None = None, timeout
                           timeout=timeout)
 
 
+def skewed_rank_env(tmp_path: Path, rank: int, seconds: float, at: str) -> dict[str, str]:
+    """engine_env with one rank `seconds` late, as a slow node makes it: at="start" before anything
+    of ours runs, at="exit" after the run returned (an atexit handler). A sitecustomize on PYTHONPATH,
+    so real torchrun workers race as they do on a loaded machine, in the worst order, every time."""
+    hook = tmp_path / f"skew_rank{rank}_{at}"
+    hook.mkdir(parents=True, exist_ok=True)
+    delay = f"time.sleep({seconds})" if at == "start" else f"atexit.register(time.sleep, {seconds})"
+    (hook / "sitecustomize.py").write_text(
+        f"import atexit, os, time\nif os.environ.get('RANK') == '{rank}':\n    {delay}\n")
+    env = engine_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    return env
+
+
+def worker_exit_codes(stderr: str) -> list[int]:
+    """torchrun's failure summary: every failed worker's exit code, one per worker (the `exitcode  : N`
+    rows, not the agent's log lines; the agent itself exits 1)."""
+    return [int(c) for c in re.findall(r"^\s*exitcode\s+:\s*(-?\d+)", stderr, re.MULTILINE)]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

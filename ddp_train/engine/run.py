@@ -18,6 +18,7 @@ from ..allocator import fix_malloc_thresholds
 from ..config import Config, micro_batch_size, total_steps
 from ..data import EvalBatches, TrainBatches, load_distributed, use_device_resident
 from ..data.user import object_source, user_source
+from ..ending import hold_exit_code
 from ..env import DistEnv, cpus_available, from_env, getenv
 from ..errors import DIVERGED_EXIT, PREEMPTED_EXIT
 from ..models import build_model
@@ -88,10 +89,13 @@ class Outcome:
     run_dir: Path | None
 
 
-def run(cfg: Config, config_path: str | None = None, on_preempted=None, components: Components | None = None) -> int:
+def run(cfg: Config, config_path: str | None = None, on_preempted=None, components: Components | None = None,
+        keep_exit_code: bool = False) -> int:
     """Trains `cfg` on this process's rank. Returns 0, or PREEMPTED_EXIT after the agreed preemption save
-    (then `on_preempted`, if given, runs on global rank 0 before any rank returns)."""
-    return execute(cfg, config_path, on_preempted, components).exit_code
+    (then `on_preempted`, if given, runs on global rank 0 before any rank returns), or DIVERGED_EXIT.
+    keep_exit_code (the command line, which owns the process): once the ranks agree on a non-zero code,
+    the launcher's SIGTERM for the ranks still winding down ends them with that code (ending.py)."""
+    return execute(cfg, config_path, on_preempted, components, keep_exit_code).exit_code
 
 
 def data_source(cfg: Config, given: Any):
@@ -122,7 +126,7 @@ def intra_op_threads(env: DistEnv, workers: int) -> int:
 
 
 def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
-            components: Components | None = None) -> Outcome:
+            components: Components | None = None, keep_exit_code: bool = False) -> Outcome:
     given = components or Components()
     started = time.time()
     timeline = Timeline()
@@ -138,6 +142,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     run_dir = None
     restore_logging = None
     obs = None
+    agreed = None  # a non-zero exit code every rank reached together
     try:
         run_dir = Path(dist.decide_on_main(env, resolve_run_dir, cfg, config_path))
         restore_logging = setup_logging(env, run_dir / "train.log" if env.is_main else None)
@@ -265,9 +270,12 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         if env.is_main:  # every rank agreed (the norm is global): one line
             log.error("%s", e)
         logger.finish(DIVERGED_EXIT)
+        agreed = DIVERGED_EXIT
+        dist.barrier(patient=True)  # rank 0's W&B and log are closed before any rank exits
         return Outcome(DIVERGED_EXIT, run_dir)
     except Preempted:
         logger.finish(PREEMPTED_EXIT)
+        agreed = PREEMPTED_EXIT
         if on_preempted is not None and env.is_main:
             on_preempted()  # e.g. `scontrol requeue`: before any rank exits (KillOnBadExit kills the rest)
         dist.barrier(patient=True)
@@ -281,6 +289,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         for batches in loaders:
             batches.close()
         preemption.restore()
+        if keep_exit_code and agreed is not None:
+            hold_exit_code(agreed)  # the first rank out gets the rest SIGTERMed: they end with the same code
         dist.teardown()
         if "finished" in timeline.marks and env.is_main:
             timeline.mark("end")

@@ -15,7 +15,9 @@ from conftest import (
     max_param_diff,
     read_jsonl,
     run_engine,
+    skewed_rank_env,
     train_losses,
+    worker_exit_codes,
 )
 
 pytestmark = pytest.mark.slow
@@ -131,10 +133,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
 
 def test_batch_that_does_not_divide_the_world_fails_in_every_launch_path(tmp_path):
     # Under torchrun the workers exit 2 with the one line; torchrun itself reports failure (exit 1).
-    proc = run_engine(["train.global_batch_size=33", "log.wandb.mode=disabled"], nproc=2, cwd=tmp_path)
+    # Rank 0, which prints it, starts 4 s after rank 1: rank 1 must not exit first and get it killed.
+    proc = run_engine(["train.global_batch_size=33", "log.wandb.mode=disabled"], nproc=2, cwd=tmp_path,
+                      env=skewed_rank_env(tmp_path, rank=0, seconds=4, at="start"))
     assert proc.returncode != 0
-    assert proc.stderr.count("train.global_batch_size=33 does not divide by world size 2") == 1
-    assert "exitcode  : 2" in proc.stderr
+    assert proc.stderr.count("train.global_batch_size=33 does not divide by world size 2") == 1, proc.stderr
+    assert worker_exit_codes(proc.stderr) == [2, 2], proc.stderr
     # The ddp-train front end checks before any worker starts: exit 2, torchrun never runs.
     import subprocess
     import sys

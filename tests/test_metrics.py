@@ -44,3 +44,25 @@ def test_many_classes_skip_the_dense_matrix_but_keep_per_class_accuracy():
     correct, total = result["per_class"]
     assert total.sum().item() == 257 and torch.equal(total, torch.bincount(split.labels, minlength=classes))
     assert correct.sum().item() == round(result["top1"] * 257)
+
+
+def test_a_log_window_reads_the_same_at_any_world_size():
+    from ddp_train.engine.train_metrics import perf_metrics, window_metrics
+
+    # 3 steps of one global batch of 64, losses 1.0, 0.5, 0.3 and 40+50+60 correct: as one rank sums
+    # them, and as two ranks sum them after the all-reduce (each rank adds its own 32 samples' mean loss
+    # per step: 0.9+1.1, 0.45+0.55, 0.35+0.25)
+    one = window_metrics([1.8, 150, 192], steps=3, timed=3, world_size=1, global_batch=64, seconds=1.5,
+                         wait_s=0.3, lr=0.1)
+    two = window_metrics([1.7 + 1.9, 70 + 80, 96 + 96], steps=3, timed=3, world_size=2, global_batch=64,
+                         seconds=1.5, wait_s=0.3, lr=0.1)
+    assert one == two
+    assert one["train/loss"] == 0.6 and one["train/top1"] == 150 / 192
+    assert one["train/samples_per_s"] == 128 and one["train/step_time_s"] == 0.5
+    assert abs(one["train/data_wait_frac"] - 0.2) < 1e-12
+    skipped = window_metrics([0.0, 0, 0], steps=0, timed=2, world_size=2, global_batch=64, seconds=1.0,
+                             wait_s=2.0, lr=0.1)  # every step skipped by the NaN guard, soft targets
+    assert "train/loss" not in skipped and "train/top1" not in skipped and skipped["train/data_wait_frac"] == 1.0
+    perf = perf_metrics(1e9, samples_per_s=2000, world_size=2, peak_tflops=4.0)
+    assert perf == {"perf/tflops_per_device": 1.0, "perf/mfu": 0.25}
+    assert perf_metrics(1e9, 2000, 2, None) == {"perf/tflops_per_device": 1.0}

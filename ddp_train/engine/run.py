@@ -2,7 +2,6 @@
 -> run directory -> data -> model -> wrap -> optimizer -> loggers -> checkpoints/resume -> fit -> summary."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -43,6 +42,7 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import wrap
 from .precision import Precision, configure_backends
 from .preempt import Preemption
+from .run_summary import add_memory, record_teardown, summarise
 from .state import LossWindow, RNGState, TrainProgress
 from .timeline import Timeline
 from .trainer import Preempted, Trainer
@@ -242,17 +242,10 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         memory = dist.all_gather_object({**peak_memory(device), **trainer.counters.summary()})
         if env.is_main:
             summary = summarise(cfg, env, trainer, checkpointer, final, started, steps_before)
-            summary["peak_rss_gb_per_rank"] = [m["peak_rss_gb"] for m in memory]
-            summary["hosts_per_rank"] = hosts
-            summary.update(malloc=malloc, channels_last=channels_last,
-                           minor_faults_per_step=memory[0]["minor_faults_per_step"],
-                           peak_rss_growth_mb=memory[0]["peak_rss_growth_mb"])
+            summary.update(hosts_per_rank=hosts, malloc=malloc, channels_last=channels_last)
             summary.update(summary_fields(obs, trainer.tflops))
+            add_memory(summary, memory, device)
             summary.update(timeline.startup())
-            for row, m in zip(summary["per_rank"], memory):
-                row.update({k: m[k] for k in ("peak_rss_gb", "minor_faults_per_step", "peak_rss_growth_mb")})
-            if device.type == "cuda":
-                summary["peak_gpu_mem_gb_per_rank"] = [m["peak_gpu_mem_gb"] for m in memory]
             files.write_json(run_dir / "summary.json", summary)
             if final["confusion"] is not None:
                 files.write_confusion(final["confusion"], info.class_names, run_dir / "plots")
@@ -297,38 +290,3 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
             record_teardown(timeline, run_dir / "summary.json")
         if restore_logging is not None:
             restore_logging()
-
-
-def record_teardown(timeline: Timeline, summary_path: Path) -> None:
-    """The last step to the end (final eval, checkpoint, plots, loggers, process group): into summary.json,
-    written once more now that it is known, and the log."""
-    teardown = timeline.teardown()
-    if not teardown or not summary_path.exists():
-        return
-    summary = json.loads(summary_path.read_text())
-    summary.update(teardown)
-    files.write_json(summary_path, summary)
-    log.info("wind-down %s", Timeline.describe(teardown["teardown_s"], teardown["teardown"]))
-
-
-def summarise(cfg: Config, env: DistEnv, trainer: Trainer, checkpointer: CheckpointManager, final: dict,
-              started: float, steps_before: int) -> dict:
-    p = trainer.progress
-    trained_samples = (p.step - steps_before) * cfg.train.global_batch_size
-    best = max((h["val/top1"] for h in trainer.history), default=final["top1"])
-    saves = checkpointer.save_seconds
-    return {"val/loss": final["loss"], "val/top1": final["top1"], "val/top5": final["top5"],
-            "val/count": final["count"], "best/val_top1": best, "step": p.step, "epoch": p.epoch,
-            "samples_per_s": trained_samples / max(trainer.train_time, 1e-9),
-            "train_time_s": trainer.train_time, "wall_time_s": time.time() - started,
-            "data_wait_frac": trainer.data_wait_s / max(trainer.train_time, 1e-9),
-            "world_size": env.world_size, "backend": torch.distributed.get_backend() if env.distributed else "none",
-            "strategy": cfg.parallel.strategy, "precision": cfg.train.precision,
-            "global_batch_size": cfg.train.global_batch_size, "step_time_s": trainer.step_time_s(),
-            "checkpoint_save_s": saves[-1] if saves else None, "checkpoint_save_max_s": max(saves, default=None),
-            "checkpoint_saves": len(saves), "checkpoint_failures": checkpointer.failures,
-            "world_sizes": p.world_sizes, "stopped_early": trainer.stopped_early is not None,
-            **({"stopped_early_step": trainer.stopped_early["step"], "stopped_early_reason":
-                trainer.stopped_early["reason"]} if trainer.stopped_early else {}),
-            **{k: v for k, v in (trainer.history[-1] if trainer.history else {}).items() if k.startswith("val_ema/")},
-            "git_sha": files.git_sha(), **files.versions()}

@@ -30,6 +30,7 @@ from .precision import Precision
 from .preempt import Preemption
 from .sentinel import HangSentinel
 from .state import LossWindow, TrainProgress
+from .train_metrics import perf_metrics, window_metrics
 
 log = logging.getLogger("ddp_train")
 WARM_STEPS = 2  # start-up, resume and the first (compiling) step run under parallel.init_timeout_s
@@ -280,23 +281,16 @@ class Trainer:
         # at any world size.
         w = self.window
         timed = w.steps - w.untimed  # steps restored from a checkpoint were not timed in this process
-        packed = dist.all_reduce_sum(w.packed()).tolist()
         metrics = {"epoch": self.progress.epoch}
-        if w.steps:  # every step of the window may have been skipped by the NaN guard
-            metrics["train/loss"] = packed[0] / (w.steps * self.env.world_size)
-        if packed[2]:  # not on mixed (soft-target) batches
-            metrics["train/top1"] = packed[1] / packed[2]
-        samples_per_s = timed * self.cfg.train.global_batch_size / max(seconds, 1e-9)
-        metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/samples_per_s": samples_per_s,
-                        "train/step_time_s": seconds / max(timed, 1),
-                        "train/data_wait_frac": min(1.0, self._window_wait_s / max(seconds, 1e-9))})
+        metrics.update(window_metrics(dist.all_reduce_sum(w.packed()).tolist(), w.steps, timed,
+                                      self.env.world_size, self.cfg.train.global_batch_size, seconds,
+                                      self._window_wait_s, self.scheduler.get_last_lr()[0]))
         if self.guard.enabled:
             metrics["train/skipped_steps"] = self.guard.skipped
         if self.flops and timed:
-            self.tflops.append(self.flops["train"] * samples_per_s / self.env.world_size / 1e12)
-            metrics["perf/tflops_per_device"] = self.tflops[-1]
-            if self.peak_tflops:
-                metrics["perf/mfu"] = self.tflops[-1] / self.peak_tflops
+            metrics.update(perf_metrics(self.flops["train"], metrics["train/samples_per_s"], self.env.world_size,
+                                        self.peak_tflops))
+            self.tflops.append(metrics["perf/tflops_per_device"])
         if self.stats is not None:  # one small all-gather on the CPU group
             metrics.update(self.stats.gather(self._window_wait_s, seconds, max(timed, 1))[0])
         self._window_wait_s = 0.0

@@ -42,6 +42,7 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("profile.steps=3", "'profile.steps' must be [first, last]"),
     ("parallel.hang_timeout_s=2", "'parallel.hang_timeout_s' must be at least 5 s"),
     ("train.max_bad_steps=0", "'train.max_bad_steps' must be >= 1"),
+    ("checkpoint.preempt_vote_every_s=-1", "'checkpoint.preempt_vote_every_s' must be >= 0 (0: every step)"),
     ("log.straggler_factor=1", "'log.straggler_factor' must be > 1"),
     ("optim.name=lamb", "'optim.name' must be one of adam, adamw, sgd"),
     ("train.precision=fp8", "'train.precision' must be one of"),

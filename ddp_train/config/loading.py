@@ -258,6 +258,8 @@ def validate(cfg: Config) -> None:
              "datasets augment on the device (data.augment, mixup_alpha, cutmix_alpha)",
              (d.randaugment, d.random_erasing))
     _require(c.keep_best >= 0, "checkpoint.keep_best", "must be >= 0", c.keep_best)
+    _require(c.preempt_vote_every_s >= 0, "checkpoint.preempt_vote_every_s", "must be >= 0 (0: every step)",
+             c.preempt_vote_every_s)
     _require(d.num_classes is None or d.num_classes >= 2, "data.num_classes", "must be >= 2 or null",
              d.num_classes)
     _require(t.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", t.log_every_steps)

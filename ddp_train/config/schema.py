@@ -153,6 +153,8 @@ class CheckpointConfig:
     resume: str = opt("auto", "auto: the newest intact checkpoint of the run directory | never | PATH")
     preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = opt(
         ["SIGTERM", "SIGUSR1", "SIGUSR2"], "signals that request a save-and-exit (code 75) at the next step")
+    preempt_vote_every_s: float = opt(0.25, "how often the ranks agree on a preemption signal, in seconds of "
+                                            "training (a signal is acted on within about two votes); 0: every step")
     simulate_preempt_at_step: int | None = opt(None, "fault injection: act as if preempted after this step")
     simulate_slow_save_s: float = opt(0.0, "fault injection: a preemption save takes this much longer")
 

@@ -1,6 +1,6 @@
 """Preemption: signals only set a flag; at each step boundary every rank asks `due(step)`, which agrees on
-the flag across ranks every few steps (an all-reduce on the CPU group about every 0.25 s, read at the
-next vote so its round trip overlaps the steps between), and the ranks then save together and exit
+the flag across ranks every few steps (an all-reduce on the CPU group about every
+checkpoint.preempt_vote_every_s, 0.25 s by default, read at the next vote so its round trip overlaps the steps between), and the ranks then save together and exit
 with PREEMPTED_EXIT. A simulated preemption at a given step (verify_resume, tests) lives here too: every
 rank knows the step, so it needs no vote."""
 from __future__ import annotations
@@ -10,13 +10,14 @@ import threading
 
 from .. import dist
 
-VOTE_EVERY_S = 0.25  # a signal is acted on within ~2 votes: negligible against SLURM's signal delay
 MAX_VOTE_INTERVAL = 64
 
 
 class Preemption:
-    def __init__(self, signal_names: list[str], simulate_at_step: int | None = None):
+    def __init__(self, signal_names: list[str], simulate_at_step: int | None = None, vote_every_s: float = 0.25):
         self.requested = False
+        # a signal is acted on within ~2 votes: 0.5 s by default, negligible against SLURM's signal delay
+        self.vote_every_s = vote_every_s
         self.signal_name: str | None = None
         self.simulate_at_step = simulate_at_step
         self.every = 1  # vote every k optimizer steps; pace() sets k
@@ -35,11 +36,11 @@ class Preemption:
 
     def pace(self, step_time_s: float) -> int:
         """Collective, once, at the same step on every rank: from now on vote every k steps, about
-        VOTE_EVERY_S apart at the slowest rank's pace (a vote per step costs a short step more than the
+        vote_every_s apart at the slowest rank's pace (a vote per step costs a short step more than the
         all-reduce's round trip can hide). Returns k."""
         self.settle()
         slowest = max(dist.all_gather_object(step_time_s))
-        self.every = max(1, min(MAX_VOTE_INTERVAL, int(VOTE_EVERY_S / max(slowest, 1e-6))))
+        self.every = max(1, min(MAX_VOTE_INTERVAL, int(self.vote_every_s / max(slowest, 1e-6))))
         return self.every
 
     def due(self, step: int) -> bool:

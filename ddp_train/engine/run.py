@@ -137,7 +137,8 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
     dist.init(env, cfg.parallel.backend, cfg.parallel.timeout_s, cfg.parallel.init_timeout_s)
     timeline.mark("process_group")
     logger: Logger = Logger()
-    preemption = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.simulate_preempt_at_step)
+    preemption = Preemption(cfg.checkpoint.preempt_signals, cfg.checkpoint.simulate_preempt_at_step,
+                            cfg.checkpoint.preempt_vote_every_s)
     loaders: list = []
     run_dir = None
     restore_logging = None

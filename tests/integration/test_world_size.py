@@ -74,18 +74,20 @@ def test_a_run_stopped_on_2_processes_and_resumed_on_3_continues_the_trajectory(
 def test_an_image_folder_run_interrupted_mid_epoch_resumes_bitwise(tmp_path):
     from test_vision import write_folder
 
-    data = write_folder(tmp_path / "images", per_class=(32, 4))  # 96 images: 12 steps an epoch
+    data = write_folder(tmp_path / "images", per_class=(48, 4))  # 144 images: 18 steps an epoch
     args = [str(CONFIGS / "cpu_smoke.yaml"), "data.name=imagefolder", f"data.root={data}", "data.image_size=24",
             "data.augment=true", "data.num_workers=2", "model.name=cnn", "train.global_batch_size=8",
             "train.max_steps=40", "train.epochs=10", "train.log_every_steps=1", "checkpoint.keep_last=5",
-            f"run.root={tmp_path}"]
+            # a vote every step: paced votes (every 0.25 s of these ~10 ms steps) could first agree at the
+            # epoch's end, and this test is about a DataLoader stopped mid-epoch
+            "checkpoint.preempt_vote_every_s=0", f"run.root={tmp_path}"]
     check(run_engine([*args, "run.name=ref"], nproc=2))
     proc = subprocess.Popen(engine_command([*args, "run.name=job"], 2, master_port=free_port()), env=engine_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         metrics = tmp_path / "job" / "metrics.jsonl"
-        if metrics.exists() and any(r.get("step", 0) >= 15 for r in read_jsonl(metrics)):
+        if metrics.exists() and any(r.get("step", 0) >= 21 for r in read_jsonl(metrics)):
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # workers too: they must ignore it
@@ -93,7 +95,7 @@ def test_an_image_folder_run_interrupted_mid_epoch_resumes_bitwise(tmp_path):
     assert "preemption signal (SIGTERM) received" in out, out[-2000:] + err[-2000:]
     stopped = [torch.load(p, weights_only=True) for p in (tmp_path / "job" / "checkpoints").glob("*.pt")]
     stopped = [s for s in stopped if s["extra"]["reason"] == "preempt"]
-    assert stopped and 0 < stopped[0]["progress"]["step_in_epoch"] < 12, [s["progress"] for s in stopped]
+    assert stopped and 0 < stopped[0]["progress"]["step_in_epoch"] < 18, [s["progress"] for s in stopped]
     check(run_engine([*args, "run.name=job"], nproc=2))
     ref, got = final_checkpoint(tmp_path / "ref"), final_checkpoint(tmp_path / "job")
     assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])

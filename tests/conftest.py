@@ -250,7 +250,9 @@ class SlowFirstStep(nn.Module):
         self.delay = delay if int(os.environ.get("RANK", "0")) == slow_rank else 0.0
 
     def forward(self, x):
-        if self.delay and self.training and x.device.type != "meta":
+        # not on the meta/fake copies the engine probes the model with (FLOPs, channels_last): a compile
+        # is slow in the first real step
+        if self.delay and self.training and x.device.type != "meta" and type(x).__name__ != "FakeTensor":
             import time
             time.sleep(self.delay)
             self.delay = 0.0

@@ -1,8 +1,8 @@
 """Preemption: signals only set a flag; at each step boundary every rank asks `due(step)`, which agrees on
 the flag across ranks every few steps (an all-reduce on the CPU group about every
-checkpoint.preempt_vote_every_s, 0.25 s by default, read at the next vote so its round trip overlaps the steps between), and the ranks then save together and exit
-with PREEMPTED_EXIT. A simulated preemption at a given step (verify_resume, tests) lives here too: every
-rank knows the step, so it needs no vote."""
+checkpoint.preempt_vote_every_s, 0.25 s by default, read at the next vote so its round trip overlaps the
+steps between), and the ranks then save together and exit with PREEMPTED_EXIT. A simulated preemption
+at a given step (verify_resume, tests) lives here too: every rank knows the step, so it needs no vote."""
 from __future__ import annotations
 
 import signal

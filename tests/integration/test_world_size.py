@@ -78,7 +78,7 @@ def test_an_image_folder_run_interrupted_mid_epoch_resumes_bitwise(tmp_path):
     args = [str(CONFIGS / "cpu_smoke.yaml"), "data.name=imagefolder", f"data.root={data}", "data.image_size=24",
             "data.augment=true", "data.num_workers=2", "model.name=cnn", "train.global_batch_size=8",
             "train.max_steps=40", "train.epochs=10", "train.log_every_steps=1", "checkpoint.keep_last=5",
-            # a vote every step: paced votes (every 0.25 s of these ~10 ms steps) could first agree at the
+            # a vote every step: paced votes (every 0.25 s of these short steps) could first agree at the
             # epoch's end, and this test is about a DataLoader stopped mid-epoch
             "checkpoint.preempt_vote_every_s=0", f"run.root={tmp_path}"]
     check(run_engine([*args, "run.name=ref"], nproc=2))

@@ -165,6 +165,50 @@ def test_dataloader_workers_ignore_sigterm_and_close_stops_them():
     assert not any(w.is_alive() for w in workers)
 
 
+def test_evaluation_workers_start_before_the_first_evaluation_and_give_the_same_batches():
+    splits = load(_cfg(synthetic_train_size=16, synthetic_test_size=23))
+    env = DistEnv(rank=1, world_size=2)
+
+    def batches(workers: int, start: bool):
+        cfg = DataConfig(name="synthetic", augment=False, num_workers=workers)
+        eb = EvalBatches(splits.test, splits.info, env, cfg, 5, torch.device("cpu"),
+                         resident=False, ignore_signals=["SIGTERM"])
+        try:
+            if start:
+                eb.start_workers()
+                procs = eb.loader._iterator._workers  # forked now, by an empty pass: no batch fetched
+                assert len(procs) == workers and all(w.is_alive() for w in procs)
+            return [list(eb), list(eb)]  # two evaluations: the persistent workers serve both
+        finally:
+            eb.close()
+
+    inline = batches(0, start=False)
+    assert [len(passes) for passes in inline] == [3, 3]  # 11 samples of rank 1, batches of 5
+    for got in batches(2, start=True):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, inline[0]))
+
+
+def test_a_dataloader_worker_prints_its_stacks_when_the_hang_sentinel_asks(capfd):
+    import time
+
+    from ddp_train.data import DataInfo
+    from ddp_train.engine.sentinel import _signal_workers
+
+    cfg = DataConfig(name="synthetic", augment=False, num_workers=1)
+    tb = TrainBatches(RandomSamples(), DataInfo(48, 1, (1, 1), (0.0,), (1.0,)), DistEnv(), cfg, micro_batch=4,
+                      accum=1, seed=0, device=torch.device("cpu"), resident=False, ignore_signals=["SIGTERM"])
+    try:
+        next(tb.epoch(0))
+        worker = tb.loader._iterator._workers[0]
+        assert _signal_workers() == [worker.pid]
+        time.sleep(1)
+        assert worker.is_alive()  # a dump, not a kill
+    finally:
+        tb.close()
+    err = capfd.readouterr().err
+    assert "_worker_loop" in err and "Thread" in err, err[-2000:]
+
+
 def test_device_resident_splits_stay_uint8_and_batches_equal_normalising_the_whole_split():
     splits = load(_cfg(synthetic_train_size=64, synthetic_test_size=10, synthetic_shape=[3, 4, 4]))
     tb = TrainBatches(splits.train, splits.info, DistEnv(), _cfg(), micro_batch=8, accum=1, seed=0,

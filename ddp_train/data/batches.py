@@ -9,6 +9,7 @@ processes take the same optimizer steps. Evaluation shards the test split as ran
 so every sample is counted exactly once."""
 from __future__ import annotations
 
+import faulthandler
 import math
 import signal
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from .types import DataInfo, ImageTensors, Splits
 
 RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
 RESIDENT_GPU_FRACTION = 0.25  # of the GPU's memory
+# A DataLoader worker prints its Python stacks to stderr on this signal: the hang sentinel sends it, so a
+# worker that never delivers a batch is seen where it stands (its rank only shows the wait for it).
+WORKER_STACKS_SIGNAL = getattr(signal, "SIGRTMIN", None)
 PREFETCH_FACTOR = 4  # batches each DataLoader worker keeps ready (in shared memory: the doctor sizes /dev/shm by it)
 
 
@@ -150,6 +154,8 @@ class _IgnoreSignals:
     def __call__(self, worker_id: int) -> None:
         for name in self.names:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if WORKER_STACKS_SIGNAL is not None:
+            faulthandler.register(WORKER_STACKS_SIGNAL, all_threads=True)
 
 
 def _loader(ds: Dataset, batch: int, sampler, cfg: DataConfig, device: torch.device, workers: int,
@@ -267,8 +273,19 @@ class EvalBatches:
         if not resident:
             keyed = SampleKeyed(_as_dataset(split, info), seed)
             sub = torch.utils.data.Subset(keyed, [(self.EVAL_EPOCH, i) for i in self.shard])
-            self.loader = _loader(sub, batch_size, None, cfg, device, worker_count(cfg.num_workers,
+            self._sampler = _ListSampler()  # empty until an evaluation: start_workers() fetches nothing
+            self.loader = _loader(sub, batch_size, self._sampler, cfg, device, worker_count(cfg.num_workers,
                                   env.local_world_size), 0, list(ignore_signals))
+
+    def start_workers(self) -> None:
+        """Forks the persistent workers now, with an empty pass, instead of at the first evaluation. The
+        training process forks them while it is quiet (before training starts, as the training loader's
+        workers are): at the first evaluation the training loader's worker and queue-feeder thread are
+        busy and a vote may be in flight, and twice in CI a worker forked there never delivered a batch
+        (its rank waited in the DataLoader until the hang sentinel fired)."""
+        if self.loader is not None and self.loader.num_workers > 0 and self.loader._iterator is None:
+            for _ in self.loader:
+                pass
 
     def dummy_input(self) -> torch.Tensor:
         """One sample, for the forward a rank without data still runs to keep FSDP collectives matched."""
@@ -282,6 +299,7 @@ class EvalBatches:
             idx = torch.tensor(self.shard, dtype=torch.long, device=self.device)
             batches = (self.resident(idx[i: i + self.batch]) for i in range(0, len(idx), self.batch))
         else:
+            self._sampler.indices = list(range(len(self.shard)))
             batches = (to_device(x, y, self.device, self.channels_last) for x, y in _batches(self.loader))
         for batch in batches:
             produced += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import logging
+import multiprocessing
 import os
 import socket
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.batches import WORKER_STACKS_SIGNAL
 from ..errors import HUNG_EXIT
 
 log = logging.getLogger("ddp_train")
@@ -112,6 +114,10 @@ class HangSentinel:
             f.write(f"rank {self.rank} on {self.host} (pid {self.pid}): step {self.step}, phase {self.phase}\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
+            workers = _signal_workers()
+            if workers:
+                f.write(f"\nDataLoader workers (pids {', '.join(map(str, workers))}) print their stacks to this "
+                        f"rank's stderr\n")
         _dump_nccl_trace(self.dir / f"nccl_trace_rank{self.rank}.pkl")
 
     def _set(self, key: str, value: str) -> None:
@@ -204,6 +210,21 @@ def report(records: dict[int, dict | None], interval: float, budget: float, hang
         lines.append(f"{r:>4}  {rec['host']:<20} {rec['pid']:>8} {rec['step']:>8}  {rec['phase']:<18} "
                      f"{rec['idle_s']:>7.1f} {now - rec['time']:>11.1f}  {stacks.name if stacks.exists() else '-'}")
     return "\n".join(lines) + "\n"
+
+
+def _signal_workers() -> list[int]:
+    """Asks this rank's DataLoader workers (its multiprocessing children) for their stacks: a rank waiting
+    for a batch shows only the wait."""
+    pids = []
+    if WORKER_STACKS_SIGNAL is None:
+        return pids
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, WORKER_STACKS_SIGNAL)
+            pids.append(child.pid)
+        except (OSError, TypeError):  # gone meanwhile, or not started
+            pass
+    return pids
 
 
 def _dump_nccl_trace(path: Path) -> None:

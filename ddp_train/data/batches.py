@@ -278,11 +278,14 @@ class EvalBatches:
                                   env.local_world_size), 0, list(ignore_signals))
 
     def start_workers(self) -> None:
-        """Forks the persistent workers now, with an empty pass, instead of at the first evaluation. The
-        training process forks them while it is quiet (before training starts, as the training loader's
-        workers are): at the first evaluation the training loader's worker and queue-feeder thread are
-        busy and a vote may be in flight, and twice in CI a worker forked there never delivered a batch
-        (its rank waited in the DataLoader until the hang sentinel fired)."""
+        """Forks the persistent workers now, with an empty pass, instead of at the first evaluation: run.py
+        calls it before training starts, when no collective is running. Seen twice in CI on Python 3.11.7:
+        the evaluation worker, forked at the first evaluation just after a preemption vote, stuck for good
+        in os.fork() (gdb: PyOS_AfterFork_Child -> _PyThreadState_DeleteExcept waiting on HEAD_LOCK, with a
+        gloo thread among the inherited thread states), and its rank waited for a batch until the hang
+        sentinel fired. That is CPython gh-112275 (a thread creating or dropping a Python thread state at
+        the instant of a fork; Python 3.8 to 3.11.7, fixed in 3.12 and later 3.11 releases). The training
+        loader forks its workers before the first step, likewise."""
         if self.loader is not None and self.loader.num_workers > 0 and self.loader._iterator is None:
             for _ in self.loader:
                 pass

@@ -229,7 +229,7 @@ def execute(cfg: Config, config_path: str | None = None, on_preempted=None,
         timeline.mark("resumed")
         logger.ready()
         timeline.mark("loggers")
-        evals.start_workers()  # W&B's start-up thread is joined: the quietest moment to fork
+        evals.start_workers()  # fork now: no collective running, W&B's start-up thread joined
         try:
             final = trainer.fit()
         except BaseException:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig, SchedConfig
+from .optim_layout import keep_state_in_parameter_layout
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -16,9 +17,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kernels = implementation(cfg.implementation, decay + no_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernels)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kernels)
+    else:
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kernels)
+    return keep_state_in_parameter_layout(optimizer)  # a resume in another memory layout stays exact
 
 
 def implementation(choice: str, params: list[torch.Tensor]) -> dict:

@@ -108,6 +108,32 @@ def test_metrics_jsonl_goes_back_to_the_rows_a_checkpoint_saw(tmp_path):
     assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
+def test_a_moved_run_directory_still_cuts_its_own_metrics_and_never_another_runs(tmp_path):
+    """SIGKILL after step 3, the run directory moved (or mounted elsewhere on a requeue node), resumed from
+    the step-2 checkpoint: step 3 appears once. Another run's checkpoint (resume=PATH) cuts nothing."""
+    path = tmp_path / "a" / "metrics.jsonl"
+    path.parent.mkdir()
+    first = JsonlLogger(path)
+    for step in (1, 2):
+        first.log_metrics({"train/loss": float(step)}, step)
+    saved = first.state_dict()  # the checkpoint at step 2
+    first.log_metrics({"train/loss": 3.0}, 3)  # then SIGKILL
+    first.finish()
+    other = JsonlLogger(tmp_path / "other.jsonl")
+    other.log_metrics({"train/loss": 9.0}, 1)
+    other.finish()
+    moved = tmp_path / "moved" / "a"
+    moved.parent.mkdir()
+    path.parent.rename(moved)
+    resumed = JsonlLogger(moved / "metrics.jsonl")
+    resumed.load_state_dict(other.state_dict() | {"rows": 0})  # not its file: untouched
+    assert resumed.rows == 3
+    resumed.load_state_dict(saved)
+    resumed.log_metrics({"train/loss": 30.0}, 3)
+    resumed.finish()
+    assert [r["step"] for r in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+
 def test_the_guard_changes_nothing_in_a_run_without_nans(tmp_path):
     """The norm is read, never written: guard on and off end on bitwise the same weights (fp32)."""
     import torch

@@ -60,27 +60,38 @@ class JsonlLogger(Logger):
     """metrics.jsonl: one JSON object per log step or evaluation, flushed as written. Also the state
     'metrics_log' of checkpoints: the rows written when a checkpoint was saved. A run resumed after a
     crash replays the steps after that checkpoint, so loading cuts the file back to those rows first and
-    every step appears once, the replayed values winning (after a preemption nothing follows the save)."""
+    every step appears once, the replayed values winning (after a preemption nothing follows the save).
+    Whether the file is the checkpoint's own is told by its first row (step and time to the millisecond),
+    not by its path: a run directory moved or mounted elsewhere on a requeue node is still the same run,
+    and another run's checkpoint (checkpoint.resume=PATH) never cuts this run's file."""
 
     def __init__(self, path: Path):
         self.path = path
         self.rows = _count_lines(path)
+        self.first = _first_line(path)  # None until the first row is written
         self.file = None  # opened at the first row: a run that fails before training leaves no empty file
 
     def log_metrics(self, metrics, step):
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
+        line = json.dumps(record)
         if self.file is None:
             self.file = open(self.path, "a", buffering=1)
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(line + "\n")
         self.rows += 1
+        self.first = self.first or line
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows, "path": str(self.path.resolve())}
+        return {"rows": self.rows, "path": str(self.path.resolve()), "first": self.first}
+
+    def _is_mine(self, state: dict) -> bool:
+        if "first" in state:
+            return state["first"] is not None and state["first"] == self.first
+        return state.get("path") == str(self.path.resolve())  # a checkpoint from before "first" was kept
 
     def load_state_dict(self, state: dict) -> None:
         keep = int(state["rows"])
-        if keep >= self.rows or state.get("path") != str(self.path.resolve()):
+        if keep >= self.rows or not self._is_mine(state):
             return  # nothing was logged after the checkpoint, or it is another run's (resume=PATH)
         if self.file is not None:
             self.file.close()
@@ -106,6 +117,14 @@ class NoState:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        with open(path) as f:
+            return f.readline().rstrip("\n") or None
+    except FileNotFoundError:
+        return None
 
 
 def _count_lines(path: Path) -> int:

@@ -101,3 +101,23 @@ def test_help_describes_every_key():
     for key, line in rows.items():
         description = line.split(": ", 1)[1] if ": " in line else ""
         assert len(description.split()) >= 2, f"{key} has no description: {line!r}"
+
+
+def test_a_resume_warns_only_for_the_changes_that_alter_the_trajectory():
+    from ddp_train.config.changes import config_changes
+
+    base = load_config(None, ["sched.name=constant"]).to_dict()
+
+    def changes(*overrides: str, batch_norm: bool = False):
+        return config_changes(base, load_config(None, ["sched.name=constant", *overrides]).to_dict(), batch_norm)
+
+    same = ["parallel.strategy=fsdp", "optim.implementation=foreach", "train.channels_last=false",
+            "data.num_workers=3", "train.epochs=20", "train.max_steps=50", "train.grad_accum_steps=2",
+            "run.name=x", "checkpoint.keep_last=9", "log.progress_bar=never", "train.compile=true"]
+    altering, keeping = changes(*same)
+    assert altering == [] and len(keeping) == len(same)
+    assert changes("optim.lr=0.1", "train.global_batch_size=32", "model.name=mlp", "run.seed=1")[0] == \
+        ["model.name", "optim.lr", "run.seed", "train.global_batch_size"]
+    cosine = config_changes(load_config(None, []).to_dict(), load_config(None, ["train.epochs=20"]).to_dict())
+    assert cosine == (["train.epochs"], [])  # the default cosine schedule's LR depends on its length
+    assert changes("train.grad_accum_steps=2", batch_norm=True)[0] == ["train.grad_accum_steps"]

@@ -25,7 +25,8 @@ class BestCheckpoints:
         value = metrics.get(self.metric)
         if self.keep <= 0 or value is None:
             return False
-        ranked = sorted([*self.entries, (float(value), step)], key=lambda e: (-self.sign * e[0], e[1]))
+        others = [e for e in self.entries if e[1] != step]  # a step evaluated again (a resume) counts once
+        ranked = sorted([*others, (float(value), step)], key=lambda e: (-self.sign * e[0], e[1]))
         self.entries = ranked[: self.keep]
         return (float(value), step) in self.entries
 
@@ -33,9 +34,11 @@ class BestCheckpoints:
         return {step for _, step in self.entries}
 
     def write_pointer(self, directory: Path) -> None:
-        if not self.entries:
+        """best.json names the best entry whose checkpoint is on disk (a save that failed has none)."""
+        saved = [(v, s) for v, s in self.entries if (directory / f"step_{s:08d}.pt").is_file()]
+        if not saved:
             return
-        value, step = self.entries[0]
+        value, step = saved[0]
         tmp = directory / (BEST_FILE + ".tmp")
         tmp.write_text(json.dumps({"file": f"step_{step:08d}.pt", "step": step, "metric": self.metric,
                                    "value": value, "kept": [{"step": s, "value": v} for v, s in self.entries]}))

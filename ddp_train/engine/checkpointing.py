@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..config import CheckpointConfig, flatten
+from ..config import CheckpointConfig
+from ..config.changes import config_changes
 from ..env import DistEnv, agent_shutdown_timeout
 from ..errors import CheckpointError
 from ..rundir import checkpoints as ckpt
@@ -62,7 +63,12 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------------- save
     def save(self, step: int, reason: str, step_time_s: float = 0.0) -> Path | None:
         """Collective: every rank calls it (the per-rank states are gathered); rank 0 writes the file."""
-        if step == self.last_saved_step:
+        if step == self.last_saved_step:  # e.g. the step save came before this step's evaluation made it best
+            if self.env.is_main and self.best is not None:
+                try:
+                    self._prune_and_point()
+                except OSError as e:
+                    log.error("checkpoints: could not prune or update %s: %s", ckpt.BEST_FILE, e)
             return None
         start = time.perf_counter()
         per_rank = dist.all_gather_object({name: s.state_dict() for name, s in self.rank_states.items()})
@@ -98,14 +104,7 @@ class CheckpointManager:
     def _write(self, step: int, state: dict) -> Path | None:
         try:
             path = ckpt.write_checkpoint(self.directory, step, state)
-            protect = set(self.best.steps()) if self.best is not None else set()
-            if self.hold_before is not None:
-                older = [ckpt.step_of(p) for p in ckpt.list_checkpoints(self.directory)
-                         if ckpt.step_of(p) < self.hold_before]
-                protect |= set(older[:1])  # newest first
-            ckpt.prune(self.directory, self.cfg.keep_last, protect)
-            if self.best is not None and step in protect:
-                self.best.write_pointer(self.directory)
+            self._prune_and_point()
             return path
         except OSError as e:
             self.failures += 1
@@ -113,6 +112,18 @@ class CheckpointManager:
             log.error("checkpoint save at step %d failed: %s; earlier checkpoints are untouched (newest: %s)",
                       step, e, previous[0] if previous else "none")
             return None
+
+    def _prune_and_point(self) -> None:
+        """Rank 0: keep the newest keep_last, the keep_best best and, during a NaN streak, the newest from
+        before it; best.json names the best kept one (rewritten whenever the ranking may have changed)."""
+        protect = set(self.best.steps()) if self.best is not None else set()
+        if self.hold_before is not None:
+            older = [ckpt.step_of(p) for p in ckpt.list_checkpoints(self.directory)
+                     if ckpt.step_of(p) < self.hold_before]
+            protect |= set(older[:1])  # newest first
+        ckpt.prune(self.directory, self.cfg.keep_last, protect)
+        if self.best is not None:
+            self.best.write_pointer(self.directory)
 
     def _check_shutdown_budget(self, save_s: float, step_s: float) -> None:
         """torchrun SIGKILLs its workers a fixed time after forwarding SIGTERM: say so once if a preemption
@@ -208,7 +219,7 @@ class CheckpointManager:
             raise CheckpointError(f"ranks resumed from different steps {steps}: is {self.directory} on a "
                                   "filesystem every node sees?")
         self.last_saved_step = step
-        _warn_config_changes(state.get("config") or {}, self.config)
+        _warn_config_changes(state.get("config") or {}, self.config, self.model)
         log.info("resumed from %s%s at step %d in %.2f s", path, f" (sharded: {sharded.name})" if sharded else "",
                  step, time.perf_counter() - start)
         return path
@@ -239,10 +250,11 @@ def _key_problem(msg: str) -> str:
     return "; ".join(lines)[:600] or msg.splitlines()[0][:300]
 
 
-def _warn_config_changes(old: dict, new: dict) -> None:
-    a, b = flatten(old), flatten(new)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-               and not k.startswith(("checkpoint.", "run.", "log."))]
-    if changed:
+def _warn_config_changes(old: dict, new: dict, model: torch.nn.Module) -> None:
+    batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    altering, keeping = config_changes(old, new, batch_norm)
+    if altering:
         log.warning("resuming with a different config for %s: the run will not match an uninterrupted one",
-                    ", ".join(changed))
+                    ", ".join(altering))
+    if keeping:
+        log.info("resuming with %s changed: the same trajectory (up to reduction order)", ", ".join(keeping))

@@ -188,7 +188,8 @@ class Trainer:
             self.last_step_at = time.time()
             self.train_time += time.perf_counter() - self._fit_start
             self._fit_start = None
-        if p.epoch_done(self.train.steps_per_epoch):
+        closed_epoch = p.epoch_done(self.train.steps_per_epoch)
+        if closed_epoch:
             p.next_epoch()  # the last step closed an epoch: the final evaluation covers it
         if self.history and self.history[-1]["step"] == p.step:
             final = self.last_eval  # early stopping just evaluated this very model
@@ -196,6 +197,8 @@ class Trainer:
             final = self.run_eval()
             if self.best is not None:
                 self.best.offer(p.step, self.history[-1])  # the final checkpoint may be the best too
+            if closed_epoch and p.epoch % t.eval_every_epochs == 0:  # where a longer run evaluates too:
+                self._early_stop(self.history[-1])  # a resume that trains on counts it, as that run does
         self._save("final")
         if self.sentinel is not None:
             self.sentinel.stop()  # what follows (summary, plots, W&B finish) is not a training step
@@ -264,11 +267,14 @@ class Trainer:
             self.run_eval()
             metrics = self.history[-1]
             best = self.best is not None and self.best.offer(p.step, metrics)
-            if self.early is not None and self.early.update(metrics, p.step):
-                self.stopped_early = {"step": p.step, "reason": self.early.reason}
-                log.warning("early stopping: %s", self.early.reason)
+            self._early_stop(metrics)
         if self.checkpointer.due_epoch(p.epoch) or best:
             self._save("epoch" if self.checkpointer.due_epoch(p.epoch) else "best")
+
+    def _early_stop(self, metrics: dict) -> None:
+        if self.early is not None and self.early.update(metrics, self.progress.step):
+            self.stopped_early = {"step": self.progress.step, "reason": self.early.reason}
+            log.warning("early stopping: %s", self.early.reason)
 
     def _save(self, reason: str) -> None:
         self._phase("checkpoint")

@@ -270,3 +270,39 @@ def test_rank_0_prepares_alone_then_each_node_and_errors_reach_every_rank(tmp_pa
     lines = log.read_text().splitlines()
     assert lines[0] == "0"  # rank 0 is always first
     assert sorted(lines) == sorted(expected)
+
+
+def test_mixed_batches_are_the_same_at_every_world_size_and_accumulation():
+    """mixup/CutMix pair the global batch's samples two by two, dealt whole to one rank: each sample comes
+    out mixed with the same partner, lambda and box at 1, 2 and 3 ranks and 1 or 2 micro-batches a step."""
+    cfg = _cfg(synthetic_train_size=100, synthetic_test_size=10, mixup_alpha=0.4, cutmix_alpha=1.0,
+               synthetic_shape=[1, 8, 8])
+    splits = load(cfg)
+    seen = {}
+    for world, accum in ((1, 1), (1, 2), (2, 1), (3, 1), (3, 2)):
+        mixed = {}
+        for rank in range(world):
+            tb = TrainBatches(splits.train, splits.info, DistEnv(rank=rank, world_size=world), cfg,
+                              micro_batch=12 // (world * accum), accum=accum, seed=5, device=torch.device("cpu"),
+                              resident=True)
+            assert tb.steps_per_epoch == 8
+            order = tb.order(1)[: 3 * tb.micro * accum].tolist()  # the first 3 steps
+            rows = [row for x, y in tb.epoch(1) for row in zip(x, y)][: len(order)]
+            mixed.update({i: row for i, row in zip(order, rows)})
+        seen[(world, accum)] = mixed
+    ref = seen[(1, 1)]
+    assert len(ref) == 36 and any((y < 1).all() for _, y in ref.values())  # soft targets: something mixed
+    for key, mixed in seen.items():
+        assert mixed.keys() == ref.keys(), key  # the same global batches
+        for i, (x, y) in mixed.items():
+            assert torch.equal(x, ref[i][0]) and torch.equal(y, ref[i][1]), (key, i)
+
+
+def test_mixing_refuses_an_odd_micro_batch_naming_the_keys():
+    from ddp_train.config import load_config, micro_batch_size
+    from ddp_train.errors import ConfigError
+
+    cfg = load_config(None, ["data.mixup_alpha=0.2", "train.global_batch_size=30"])
+    assert micro_batch_size(cfg, 3) == 10
+    with pytest.raises(ConfigError, match=r"data.mixup_alpha/data.cutmix_alpha .* = 15 is odd; use a multiple of 4"):
+        micro_batch_size(cfg, 2)

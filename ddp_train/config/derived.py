@@ -13,7 +13,13 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
     if t.global_batch_size % parts:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} does not divide by world size "
                           f"{world_size} x train.grad_accum_steps {t.grad_accum_steps}: use a multiple of {parts}")
-    return t.global_batch_size // parts
+    micro = t.global_batch_size // parts
+    if (cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0) and micro % 2:
+        raise ConfigError(f"data.mixup_alpha/data.cutmix_alpha mix the global batch's samples in pairs, which a "
+                          f"micro-batch must hold whole: train.global_batch_size={t.global_batch_size} / (world "
+                          f"size {world_size} x train.grad_accum_steps {t.grad_accum_steps}) = {micro} is odd; "
+                          f"use a multiple of {2 * parts}")
+    return micro
 
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:

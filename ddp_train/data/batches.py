@@ -22,7 +22,7 @@ from ..config import DataConfig
 from ..env import DistEnv, cpus_available
 from ..errors import ConfigError, DataError
 from .augment import BatchAugment, keyed_rng
-from .mixing import BatchMixer
+from .mixing import PAIR, BatchMixer
 from .types import DataInfo, ImageTensors, Splits
 
 RESIDENT_CPU_BYTES = 4 << 30  # uint8 copy of the splits kept in RAM when training on CPU
@@ -211,8 +211,12 @@ class TrainBatches:
         mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
         self.mixer = BatchMixer(seed, info.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha) if mixing else None
         self.n = len(split)
+        self.world, self.rank = env.world_size, env.rank
+        self.deal = PAIR if self.mixer is not None else 1  # consecutive samples of the global order a rank gets
         self.sampler = DistributedSampler(range(self.n), num_replicas=env.world_size, rank=env.rank,
                                           shuffle=True, seed=seed, drop_last=True)
+        self._global = DistributedSampler(range(self.n), num_replicas=1, rank=0, shuffle=True, seed=seed,
+                                          drop_last=True)  # the same permutation, before the ranks' stride
         self.steps_per_epoch = len(self.sampler) // (micro_batch * accum)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.global_batch_size={micro_batch * accum * env.world_size} is larger "
@@ -227,9 +231,18 @@ class TrainBatches:
         self.channels_last = channels_last
 
     def order(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for `epoch`: exactly DistributedSampler's."""
-        self.sampler.set_epoch(epoch)
-        return torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        """This rank's sample indices for `epoch`: exactly DistributedSampler's (rank r takes the r-th of
+        every world-size samples of the global order). With mixing, the same global batches are dealt in
+        pairs instead (rank r takes the r-th of every world-size pairs), so that each micro-batch holds
+        whole pairs: the global order and each step's global batch are the same either way."""
+        if self.deal == 1:
+            self.sampler.set_epoch(epoch)
+            return torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        self._global.set_epoch(epoch)
+        per_global = self.micro * self.accum * self.world
+        steps = torch.tensor(list(iter(self._global))[: self.steps_per_epoch * per_global], dtype=torch.long)
+        dealt = steps.view(self.steps_per_epoch, -1, self.world, self.deal)[:, :, self.rank]
+        return dealt.reshape(-1)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_step = self.micro * self.accum

@@ -1,7 +1,10 @@
-"""Batch mixing on the device (data.mixup_alpha, data.cutmix_alpha), on both data paths: each sample is
-mixed with the next one of its micro-batch (a roll, as torchvision.transforms.v2.MixUp/CutMix and timm
-pair them), with its own lambda (timm's per-sample "elem" mode) and, for CutMix, its own box. When both
-are on, each sample picks one at random. Every draw comes from a generator keyed by (seed, epoch, sample
+"""Batch mixing on the device (data.mixup_alpha, data.cutmix_alpha), on both data paths: the samples are
+mixed in pairs, the (2k, 2k+1)-th samples of the global batch's order with each other, each with its own
+lambda (timm's per-sample "elem" mode) and, for CutMix, its own box. When both are on, each sample picks
+one at random. TrainBatches deals the global batch to the ranks two samples at a time (PAIR), so a pair
+never straddles a rank or a micro-batch: the pairs, and so the mixed batch, are the same at every world
+size and accumulation (a roll over the rank's micro-batch, as torchvision's MixUp/CutMix and timm pair
+them, would pair other samples at each). Every draw comes from a generator keyed by (seed, epoch, sample
 index), so a resume draws what the uninterrupted run drew. Targets become soft labels (lambda one-hot +
 (1 - lambda) partner one-hot, summing to 1), which torch's cross-entropy takes, label smoothing included.
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from .augment import sample_seed
 
 _STREAM = 0x6D697821  # keeps these draws apart from the other per-sample streams of the same key
+PAIR = 2  # samples mixed together: consecutive in the global order, dealt to one rank together
 
 
 class BatchMixer:
@@ -47,7 +51,7 @@ class BatchMixer:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int, index: torch.Tensor):
         n, _, h, w = x.shape
         lam, cut, boxes = self._draws(epoch, index, h, w)
-        partner = torch.roll(torch.arange(n, device=x.device), 1)
+        partner = torch.arange(n, device=x.device) ^ 1  # 0<->1, 2<->3, ...: the pairs of the global order
         lam_t = torch.tensor(lam, device=x.device, dtype=x.dtype)
         mixed = torch.empty_like(x)
         blend = ~torch.tensor(cut, device=x.device)

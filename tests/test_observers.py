@@ -134,17 +134,63 @@ def test_a_moved_run_directory_still_cuts_its_own_metrics_and_never_another_runs
     assert [r["step"] for r in map(json.loads, (moved / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
 
 
-def test_the_guard_changes_nothing_in_a_run_without_nans(tmp_path):
-    """The norm is read, never written: guard on and off end on bitwise the same weights (fp32)."""
+def test_the_guard_changes_nothing_in_a_run_without_nans_and_reads_its_verdicts_at_log_steps(tmp_path, monkeypatch):
+    """The verdict stays on the device (fused Adam's found_inf): guard on and off end on bitwise the same
+    weights and EMA (fp32), and the host reads the guard's flags only where it reads the loss anyway (log
+    steps every 5 of 20: 4 reads, each of 5 steps), not once a step."""
     import torch
     from conftest import CONFIGS
 
     from ddp_train.config import load_config
+    from ddp_train.engine import nan_guard
     from ddp_train.engine.run import run
 
+    reads = []
+    original = nan_guard.DeferredVerdicts.read
+    monkeypatch.setattr(nan_guard.DeferredVerdicts, "read", lambda self: reads.append(len(self)) or original(self))
     finals = []
     for on in ("true", "false"):
-        args = [f"run.root={tmp_path}", f"run.name=guard_{on}", "train.max_steps=12", f"train.nan_guard={on}"]
+        args = [f"run.root={tmp_path}", f"run.name=guard_{on}", f"train.nan_guard={on}", "train.ema_decay=0.9"]
         assert run(load_config(CONFIGS / "cpu_smoke.yaml", args)) == 0
-        finals.append(torch.load(tmp_path / f"guard_{on}" / "checkpoints" / "step_00000012.pt", weights_only=True)["model"])
-    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+        finals.append(torch.load(tmp_path / f"guard_{on}" / "checkpoints" / "step_00000020.pt", weights_only=True))
+        summary = json.loads((tmp_path / f"guard_{on}" / "summary.json").read_text())
+        assert summary["nan_guard"] == ("device" if on == "true" else "off")
+    assert reads == [5, 5, 5, 5]
+    for part in ("model", "ema"):
+        a, b = (f["model"] if part == "model" else f["modules"]["ema"] for f in finals)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_a_step_flagged_on_the_device_is_as_if_it_never_ran(name):
+    """A non-finite gradient norm skips the fused step on the device: weights, optimizer state (Adam's step
+    count included) and the EMA end bitwise where a run that never took that step ends."""
+    import torch
+
+    from ddp_train.config import OptimConfig
+    from ddp_train.engine.ema import EMA
+    from ddp_train.engine.nan_guard import step_with_flag
+    from ddp_train.engine.optim import build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(6, 4, generator=g) for _ in range(3)]
+    finals = []
+    for flagged in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 6, bias=False)
+        opt = build_optimizer(OptimConfig(name=name, lr=0.1, implementation="fused"), model)
+        ema = EMA(model, 0.5)
+        for i, grad in enumerate(grads):
+            bad = i == 1
+            if bad and not flagged:
+                continue  # the run that never took that step
+            model.weight.grad = torch.full_like(grad, float("nan")) if bad else grad.clone()
+            norm = torch.linalg.vector_norm(model.weight.grad)
+            flag = step_with_flag(opt, lambda o: o.step(), norm)
+            assert flag.item() == float(bad)
+            ema.update(model, flag)
+        finals.append((model.weight.detach().clone(), ema.module.weight.clone(),
+                       {k: v.clone() for k, v in opt.state[model.weight].items()}))
+    (w1, e1, s1), (w2, e2, s2) = finals
+    assert torch.equal(w1, w2) and torch.equal(e1, e2)
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)

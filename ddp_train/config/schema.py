@@ -122,7 +122,8 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = section(EarlyStoppingConfig, "stop when a metric stops improving")
     cudnn_benchmark: bool = opt(True, "autotune convolution kernels (CUDA)")
     tf32: bool = opt(True, "TF32 matmuls/convolutions for fp32 on Ampere and newer")
-    nan_guard: bool = opt(True, "skip steps whose global gradient norm is not finite (one host sync per step)")
+    nan_guard: bool = opt(True, "skip steps whose global gradient norm is not finite (on the device with fused "
+                                "kernels; else one host sync per step)")
     max_bad_steps: int = opt(10, "this many non-finite steps in a row: roll back to the newest checkpoint and "
                                  "skip those batches; a second time: stop with exit code 3")
     peak_tflops: float | None = opt(None, "the device's peak TFLOP/s for MFU; null: a table of known GPUs "

@@ -34,9 +34,14 @@ class EMA:
         return [_local(e.detach()) for e in ema], [_local(p.detach()) for p in live]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skipped: torch.Tensor | None = None) -> None:
+        """`skipped`: the NaN guard's device flag (1.0: the optimizer step was skipped), so the average
+        stays put on the device for a skipped step: a weight of 0 instead of 1 - decay, the same lerp."""
         ema, live = self._pairs(model)
-        self._average(ema, live, torch.tensor(self.updates))
+        if skipped is None:
+            self._average(ema, live, torch.tensor(self.updates))
+        else:
+            torch._foreach_lerp_(ema, live, (1.0 - skipped) * (1.0 - self.decay))
         for e, b in zip((b for b in self.module.buffers() if not b.is_floating_point()),
                         (b for b in model.buffers() if not b.is_floating_point())):
             e.copy_(b)  # counters (num_batches_tracked) follow the model

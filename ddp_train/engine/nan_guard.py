@@ -1,8 +1,15 @@
 """NaN/inf guard. The test is the global gradient norm after the gradient all-reduce (or FSDP's reduced
 norm): a non-finite loss or gradient on any rank makes the summed gradients non-finite on every rank,
 and the ranks hold the very same reduced tensors, so they agree without a vote and without waiting for
-the lagged preemption vote (which would let one bad update through). Reading the norm is one host sync
-per step, the same one fp16's GradScaler makes; `train.nan_guard=false` removes it.
+the lagged preemption vote (which would let one bad update through).
+
+Where the optimizer takes GradScaler's found_inf flag (the fused kernels: the default for DDP and one
+process, on CPUs and GPUs) and no fp16 scaler is in play, the verdict stays on the device: the flag
+(1.0 = non-finite norm) goes into the fused step, which then leaves weights and state untouched, as
+GradScaler's skip does, and the loss window and EMA mask the step on the device too. The host reads the
+flags later, all at once (DeferredVerdicts), when it reads the step's other results anyway: at a log
+step, before a checkpoint or an evaluation, or every max_bad_steps steps. Elsewhere (foreach/for-loop
+kernels, FSDP's DTensors, fp16) the norm is read on the host every step, as GradScaler itself does there.
 
 A bad step leaves the optimizer, EMA and weights untouched (the batch is consumed and the schedule
 moves on, so the LR stays a function of the step). After `train.max_bad_steps` bad steps in a row the run
@@ -39,6 +46,48 @@ class GradNorm:
         return torch.nn.utils.get_total_norm(grads)
 
 
+def device_verdicts_possible(optimizer: torch.optim.Optimizer, scaler_enabled: bool) -> bool:
+    """Whether a skip can be decided on the device: the optimizer reads GradScaler's found_inf (fused
+    kernels) and no fp16 scaler owns that flag."""
+    return not scaler_enabled and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def step_with_flag(optimizer: torch.optim.Optimizer, step, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Runs `step` (the optimizer's, through the disabled scaler) with found_inf set from the norm, as
+    GradScaler sets it; returns the flag, on the device: 1.0 when the step was skipped."""
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    flag = (~torch.isfinite(grad_norm)).to(torch.float32)
+    optimizer.found_inf = flag  # what fused Adam/AdamW/SGD read, as GradScaler._maybe_opt_step sets it
+    try:
+        step(optimizer)
+    finally:
+        del optimizer.found_inf
+    return flag
+
+
+class DeferredVerdicts:
+    """The device flags of the steps not yet read on the host, with what the host counted for them."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, torch.Tensor, int]] = []  # (step, flag, samples scored)
+
+    def add(self, step: int, flag: torch.Tensor, scored: int) -> None:
+        self.pending.append((step, flag, scored))
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def read(self) -> list[tuple[int, bool, int]]:
+        """(step, applied, scored) of every pending step, in order: one host sync for all of them."""
+        if not self.pending:
+            return []
+        flags = torch.stack([f for _, f, _ in self.pending]).tolist()
+        out = [(step, not bad, scored) for (step, _, scored), bad in zip(self.pending, flags)]
+        self.pending = []
+        return out
+
+
 class Diverged(Exception):
     """The run cannot go on: run.py prints the one line and exits DIVERGED_EXIT."""
 
@@ -51,6 +100,7 @@ class NanGuard:
         self.skip_steps: set[int] = set()  # global batches (by step number) never to train on again
         self.streak: list[int] = []  # the steps of the current run of bad steps
         self.rolled_back_to: int | None = None
+        self.where = "host" if enabled else "off"  # where the verdict is taken (the trainer says "device")
 
     def finite(self, grad_norm: torch.Tensor) -> bool:
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor

@@ -50,7 +50,7 @@ def build_observers(cfg: Config, env: DistEnv, run_dir: Path, hosts: list[str], 
 
 
 def summary_fields(obs: Observers, tflops: list[float]) -> dict:
-    out: dict = {"skipped_steps": obs.guard.skipped, "rollbacks": obs.guard.rollbacks,
+    out: dict = {"skipped_steps": obs.guard.skipped, "rollbacks": obs.guard.rollbacks, "nan_guard": obs.guard.where,
                  "per_rank": obs.stats.table()}
     if obs.flops:
         out["flops_per_sample"] = obs.flops["train"]

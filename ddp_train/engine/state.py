@@ -62,12 +62,23 @@ class LossWindow:
         self.untimed = 0
         self.rank = rank
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor | None = None, scored: int = 0) -> None:
+    def add(self, loss: torch.Tensor, correct: torch.Tensor | None = None, scored: int = 0,
+            skipped: torch.Tensor | None = None) -> None:
+        """`skipped`: the NaN guard's device flag; a skipped step adds nothing to the sums (on the device),
+        and unadd() takes it off the host counts once the flag is read."""
+        if skipped is not None:
+            keep = skipped == 0
+            loss = torch.where(keep, loss, 0.0)
+            correct = None if correct is None else torch.where(keep, correct, 0)
         self.sum += loss
         if correct is not None:
             self.correct += correct
         self.scored += scored
         self.steps += 1
+
+    def unadd(self, scored: int) -> None:
+        self.scored -= scored
+        self.steps -= 1
 
     def packed(self) -> torch.Tensor:
         """[loss sum, hits, scored] as float64, for the log step's one all-reduce."""

@@ -24,7 +24,15 @@ from .early_stop import EarlyStopping
 from .ema import EMA
 from .evaluation import evaluate
 from .loss import CrossEntropy, LossFn
-from .nan_guard import Diverged, GradNorm, NanGuard, spans
+from .nan_guard import (
+    DeferredVerdicts,
+    Diverged,
+    GradNorm,
+    NanGuard,
+    device_verdicts_possible,
+    spans,
+    step_with_flag,
+)
 from .parallel import grad_sync
 from .precision import Precision
 from .preempt import Preemption
@@ -60,6 +68,10 @@ class Trainer:
         self.ema, self.early, self.best = ema, early, best
         self.guard = guard or NanGuard(False, 1)
         self.grad_norm = GradNorm(wrapped)
+        self._device_verdicts = device_verdicts_possible(optimizer, precision.scaler.is_enabled())
+        self.verdicts = DeferredVerdicts()  # the guard's flags not read yet (device verdicts only)
+        if self.guard.enabled and self._device_verdicts:
+            self.guard.where = "device"
         self.sentinel, self.stats, self.profiler = sentinel, stats, profiler
         self.flops, self.peak_tflops = flops, peak_tflops
         self.tflops: list[float] = []  # per log window, for the summary
@@ -81,7 +93,8 @@ class Trainer:
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
         """One optimizer step over one global batch; returns this rank's loss and top-1 hits, still on the
         device, the samples scored (soft mixup/CutMix targets score none: that is not accuracy), and
-        whether the step was applied (False: the NaN guard found a non-finite gradient norm)."""
+        whether the step was applied: True/False (False: the NaN guard found a non-finite gradient norm,
+        read on the host), or the guard's device flag (1.0: skipped on the device; read later)."""
         accum = len(micro_batches)
         loss_sum = correct = None
         scored = 0
@@ -104,17 +117,20 @@ class Trainer:
         if clip is not None or self.guard.enabled:
             scaler.unscale_(self.optimizer)  # clip true gradients, not loss-scaled ones
             norm = self.grad_norm(clip)
+        if self.guard.enabled and self._device_verdicts:
+            applied = step_with_flag(self.optimizer, scaler.step, norm)  # no host sync
+        else:
             # the same on every rank. fp16: an overflow is GradScaler's routine (it skips the step and
             # halves the scale); only once the scale fell below 1 is a non-finite norm the model's
             applied = not self.guard.enabled or self.guard.finite(norm) or (
                 scaler.is_enabled() and scaler.get_scale() >= 1.0)
-        if applied:
-            scaler.step(self.optimizer)
+            if applied:
+                scaler.step(self.optimizer)
         scaler.update()  # fp16: a skipped step lowers the loss scale, as GradScaler's own skip does
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None and applied:
-            self.ema.update(self.model)
+        if self.ema is not None and applied is not False:
+            self.ema.update(self.model, applied if isinstance(applied, torch.Tensor) else None)
         return loss_sum, correct, scored, applied
 
     # ----------------------------------------------------------------------------------------- fit
@@ -150,9 +166,14 @@ class Trainer:
                 self.first_step_at = self.first_step_at or time.time()
                 if self.profiler is not None:
                     self.profiler.after_step(p.step)
-                if applied:
+                if isinstance(applied, torch.Tensor):  # decided on the device; masked there
+                    self.window.add(loss, correct, scored, skipped=applied)
+                    self.verdicts.add(p.step, applied, scored)
+                    applied = None
+                elif applied:
                     self.window.add(loss, correct, scored)
-                if applied is not None and self.guard.record(p.step, applied):
+                if applied is not None and self.guard.record(p.step, applied) or (
+                        self._verdicts_due() and self._read_verdicts()):
                     self._rollback()
                     batches = self._global_batches()
                     continue
@@ -203,6 +224,25 @@ class Trainer:
         if self.sentinel is not None:
             self.sentinel.stop()  # what follows (summary, plots, W&B finish) is not a training step
         return final
+
+    def _verdicts_due(self) -> bool:
+        """Read the device flags where the host reads this step's results anyway (a log step, a checkpoint,
+        an epoch's end), at the run's end, and at the latest every max_bad_steps steps."""
+        p, n = self.progress, len(self.verdicts)
+        return n > 0 and (n >= self.guard.max_bad_steps or p.step % self.cfg.train.log_every_steps == 0
+                          or p.step >= self.total_steps or self.checkpointer.due_step(p.step)
+                          or p.epoch_done(self.train.steps_per_epoch))
+
+    def _read_verdicts(self) -> bool:
+        """The pending steps' verdicts, in order, into the guard (one host sync); a skipped step leaves the
+        loss window's host counts too. True when a streak calls for the rollback: that streak's last step
+        ends the reading (the steps after it are undone by the rollback anyway)."""
+        for step, applied, scored in self.verdicts.read():
+            if not applied:
+                self.window.unadd(scored)
+            if self.guard.record(step, applied):
+                return True
+        return False
 
     def _phase(self, name: str) -> None:
         if self.sentinel is not None:
@@ -333,6 +373,8 @@ class Trainer:
 
     def _preempt(self) -> None:
         self.preemption.settle()  # the save's collectives go after the in-flight vote, on every rank
+        if self._read_verdicts():  # the checkpoint holds the guard's exact state
+            self._rollback()
         log.warning("preemption signal (%s) received: saving at step %d and exiting for requeue",
                     self.preemption.signal_name or "on another rank", self.progress.step)
         self._save("preempt")

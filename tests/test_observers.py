@@ -68,7 +68,24 @@ def test_behind_names_a_silent_rank_then_a_lagging_one_then_the_odd_phase():
     assert behind({0: _rec(0, 9, "step"), 1: _rec(1, 9, "eval"), 2: _rec(2, 9, "step")}, 1.0)[0] == [1]
     ranks, why = behind({0: _rec(0, 9, "log"), 1: _rec(1, 9, "log")}, 1.0)
     assert ranks == [0, 1] and "every rank waits in phase log" in why
-    assert "behind: rank 1: never sent a heartbeat" in report({0: _rec(0, 3, "step"), 1: None}, 1.0, 10, _NoDir())
+    assert ("behind: rank 1: no heartbeat in the store and no stacks file" in
+            report({0: _rec(0, 3, "step"), 1: None}, 1.0, 10, _NoDir()))
+
+
+def test_the_hang_report_says_what_it_knows_of_a_rank_whose_heartbeat_it_could_not_read(tmp_path):
+    """The field report: "rank 1: never sent a heartbeat" for a rank that had heartbeated and dumped its
+    stacks; the reporter's store had stopped answering. The stacks file says where the rank was; without one,
+    the report says the record was unreadable, not that it was never sent."""
+    (tmp_path / "rank1.txt").write_text("rank 1 on n2 (pid 4242): step 7, phase data\nThread 0x1 ...\n")
+    text = report({0: _rec(0, 8, "step"), 1: None}, 1.0, 10, tmp_path, unread={1}, reporter=0)
+    assert "never" not in text, text
+    assert ("behind: rank 1 on n2 (pid 4242) at step 7, phase data: behind the others at step 7 (its heartbeat "
+            "was not readable from the store; this is from the stacks it dumped, rank1.txt)") in text, text
+    assert text.splitlines()[-1].split()[1:4] == ["n2", "4242", "7"] and text.endswith("rank1.txt\n")
+    text = report({0: _rec(0, 8, "step"), 1: None, 2: None}, 1.0, 10, tmp_path, unread={1, 2}, reporter=0)
+    assert "behind: rank 2: its heartbeat could not be read (the store stopped answering rank 0)" in text, text
+    rows = {line.split()[0]: line for line in text.splitlines()[-3:]}
+    assert "unread" in rows["2"] and "never" not in rows["2"]
 
 
 class _NoDir:

@@ -14,6 +14,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import socket
 import sys
 import threading
@@ -98,7 +99,9 @@ class HangSentinel:
         alive = [r for r, rec in records.items() if rec is not None and _fresh(rec, self.interval)]
         if (not alive or min(alive) == self.rank) and self._first("report"):  # one report per hang
             self._wait_for([f"hung/{r}" for r in alive], 2 * self.interval + 1)  # their stacks are written
-            (self.dir / "report.txt").write_text(report(self._read_all(), self.interval, budget, self.dir))
+            records = self._read_all()
+            (self.dir / "report.txt").write_text(report(records, self.interval, budget, self.dir, self.unread,
+                                                        self.rank))
             self._set("report", "written")
         else:
             self._wait_for(["report"], 3 * self.interval + 5)
@@ -137,16 +140,23 @@ class HangSentinel:
             return True
 
     def _read_all(self) -> dict[int, dict | None]:
+        """Every rank's last heartbeat: None where the store holds none; the ranks whose record could not be
+        read (the store stopped answering) are kept in self.unread, so the report never calls them silent."""
         out: dict[int, dict | None] = {}
+        self.unread: set[int] = set()
         for r in range(self.world):
             out[r] = self._record() if r == self.rank else None
-            if r != self.rank and self.store is not None:
-                try:
-                    if self.store.check([f"hb/{r}"]):
-                        out[r] = json.loads(self.store.get(f"hb/{r}"))
-                except Exception:
-                    self.store = None
-                    break
+            if r == self.rank:
+                continue
+            if self.store is None:
+                self.unread.add(r)
+                continue
+            try:
+                if self.store.check([f"hb/{r}"]):
+                    out[r] = json.loads(self.store.get(f"hb/{r}"))
+            except Exception:
+                self.store = None
+                self.unread.add(r)
         return out
 
     def _wait_for(self, keys: list[str], seconds: float) -> None:
@@ -183,32 +193,69 @@ def behind(records: dict[int, dict | None], interval: float) -> tuple[list[int],
     return sorted(records), f"every rank waits in phase {common} at step {low} (a collective some rank skipped?)"
 
 
-def report(records: dict[int, dict | None], interval: float, budget: float, hang_dir: Path) -> str:
+STACKS_HEADER = re.compile(r"rank (\d+) on (\S+) \(pid (\d+)\): step (\d+), phase (\S+)")
+
+
+def _from_stacks(rank: int, hang_dir: Path) -> dict | None:
+    """A rank's whereabouts from the first line of the stacks it dumped (_dump_stacks), when its heartbeat
+    is not in the store: it was alive at the hang, whatever the store says."""
+    path = hang_dir / f"rank{rank}.txt"
+    try:
+        m = STACKS_HEADER.match(path.read_text().splitlines()[0])
+        mtime = path.stat().st_mtime
+    except (OSError, IndexError):
+        return None
+    if m is None:
+        return None
+    return {"rank": rank, "host": m[2], "pid": int(m[3]), "step": int(m[4]), "phase": m[5], "idle_s": None,
+            "time": mtime, "from_stacks": True}
+
+
+def _no_record(rank: int, unread, reporter: int | None) -> str:
+    if rank in unread:
+        by = f"rank {reporter}" if reporter is not None else "the reporting rank"
+        return (f"behind: rank {rank}: its heartbeat could not be read (the store stopped answering {by}) and "
+                f"it left no stacks file: its state is unknown")
+    return (f"behind: rank {rank}: no heartbeat in the store and no stacks file (it died or froze before its "
+            f"first heartbeat, or could not reach the store)")
+
+
+def report(records: dict[int, dict | None], interval: float, budget: float, hang_dir: Path,
+           unread=frozenset(), reporter: int | None = None) -> str:
+    """The hang report. Each line says what the records show: a heartbeat in the store, the stacks a rank
+    dumped (so it was alive), or nothing, and why nothing (never written, or the store did not answer)."""
+    records = {r: rec if rec is not None else _from_stacks(r, hang_dir) for r, rec in records.items()}
     ranks, why = behind(records, interval)
     lines = [f"ddp_train hang report, {time.strftime('%Y-%m-%d %H:%M:%S')}: no training step completed within "
              f"{budget:.0f} s; the job exits with code {HUNG_EXIT}"]
     for r in ranks:
         rec = records[r]
         if rec is None:
-            lines.append(f"behind: rank {r}: never sent a heartbeat")
-        elif not _fresh(rec, interval):  # its last word, up to one heartbeat interval old
+            lines.append(_no_record(r, unread, reporter))
+            continue
+        seen = (f" (its heartbeat was not readable from the store; this is from the stacks it dumped, "
+                f"rank{r}.txt)") if rec.get("from_stacks") else ""
+        if not _fresh(rec, interval):  # its last word, up to one heartbeat interval old
             live = [x["step"] for x in records.values() if x is not None and _fresh(x, interval)]
             others = f"; the others wait after step {max(live)}" if live else ""
             lines.append(f"behind: rank {r} on {rec['host']} (pid {rec['pid']}): {why}; last heard "
-                         f"{time.time() - rec['time']:.0f} s ago at step {rec['step']}, phase {rec['phase']}{others}")
+                         f"{time.time() - rec['time']:.0f} s ago at step {rec['step']}, phase {rec['phase']}"
+                         f"{others}{seen}")
         else:
             lines.append(f"behind: rank {r} on {rec['host']} (pid {rec['pid']}) at step {rec['step']}, phase "
-                         f"{rec['phase']}: {why}")
+                         f"{rec['phase']}: {why}{seen}")
     lines.append("")
     lines.append(f"{'rank':>4}  {'host':<20} {'pid':>8} {'step':>8}  {'phase':<18} {'idle s':>7} {'heard s ago':>11}  stacks")
     now = time.time()
     for r, rec in sorted(records.items()):
         if rec is None:
-            lines.append(f"{r:>4}  {'?':<20} {'?':>8} {'?':>8}  {'?':<18} {'?':>7} {'never':>11}  -")
+            heard = "unread" if r in unread else "never"
+            lines.append(f"{r:>4}  {'?':<20} {'?':>8} {'?':>8}  {'?':<18} {'?':>7} {heard:>11}  -")
             continue
         stacks = hang_dir / f"rank{r}.txt"
+        idle = "?" if rec["idle_s"] is None else f"{rec['idle_s']:.1f}"
         lines.append(f"{r:>4}  {rec['host']:<20} {rec['pid']:>8} {rec['step']:>8}  {rec['phase']:<18} "
-                     f"{rec['idle_s']:>7.1f} {now - rec['time']:>11.1f}  {stacks.name if stacks.exists() else '-'}")
+                     f"{idle:>7} {now - rec['time']:>11.1f}  {stacks.name if stacks.exists() else '-'}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """`python -m ddp_train.doctor [CONFIG] [key=value ...] [--nproc-per-node N]`: will this job work here, and
-what will limit it? A table of checks, each ok / warn / fail with the fix in one line: versions and GPUs,
-/dev/shm, the rendezvous port, the hostname for multi-node gloo, run root and disk, the dataset and the
-batches per rank, the signal delay against the last measured save, and loader-only against model-only
+what will limit it? A table of checks, each ok / warn / fail with the fix in one line: Python (a fork
+deadlock), versions and GPUs, /dev/shm, the rendezvous port, the hostname for multi-node gloo, run root and
+disk, the dataset and the batches per rank, the signal delay against the last measured save, and loader-only against model-only
 throughput (input-bound or compute-bound). Exit 0 without a fail, 2 with one (and for a config mistake,
 reported in one line as the engine reports it)."""
 from __future__ import annotations
@@ -38,7 +38,8 @@ def environment_checks(nnodes: int) -> list[Check]:
     port_text = envvars.getenv("MASTER_PORT", "")
     port = int(port_text) if port_text.isdigit() else TORCHRUN_PORT
     host, master = socket.gethostname(), envvars.getenv("MASTER_ADDR")
-    return [checks.rendezvous_port(port, netcheck.port_in_use(port), nnodes, netcheck.free_port()),
+    return [checks.python_fork(tuple(sys.version_info[:3])),
+            checks.rendezvous_port(port, netcheck.port_in_use(port), nnodes, netcheck.free_port()),
             checks.hostname(nnodes, envvars.getenv("GLOO_SOCKET_IFNAME"), host, netcheck.resolve(host), master,
                             netcheck.resolve(master) if master else None)]
 
@@ -53,7 +54,7 @@ def signal_check(cfg: Config, delay: int | None) -> Check:
                                lambda n: f"parallel.shutdown_timeout_s={n}", known)
 
 
-ORDER = ["torch", "cuda", "nccl", "gpus", "/dev/shm", "rendezvous port", "hostname", "run root", "disk", "dataset",
+ORDER = ["python", "torch", "cuda", "nccl", "gpus", "/dev/shm", "rendezvous port", "hostname", "run root", "disk", "dataset",
          "batches per rank", "signal delay", "throughput"]
 
 

@@ -45,6 +45,28 @@ def _split_fix(message: str) -> tuple[str, str]:
     return (problem, fix) if sep else (message, "")
 
 
+# ---------------------------------------------------------------------------- python
+# CPython gh-112275: a child forked while another thread holds the runtime's HEAD_LOCK deadlocks in
+# os.fork() before it runs a line. Fixed in 3.11.8 and in the 3.10 branch's September 2024 release; 3.12 never
+# had it. The first version with the fix, per affected minor version.
+FORK_DEADLOCK_FIXED = {(3, 10): (3, 10, 15), (3, 11): (3, 11, 8)}
+
+
+def python_fork(version: tuple[int, int, int]) -> Check:
+    """Warns on a Python whose os.fork() can deadlock while other threads run: the engine forks its own
+    DataLoader workers before training starts, but a DataLoader the user's code creates mid-run cannot."""
+    shown = ".".join(map(str, version[:3]))
+    fixed = FORK_DEADLOCK_FIXED.get(tuple(version[:2]))
+    if fixed is None or tuple(version[:3]) >= fixed:
+        return Check("python", OK, f"Python {shown}")
+    return Check("python", WARN,
+                 f"Python {shown} can deadlock in os.fork() while other threads run (CPython gh-112275): a "
+                 f"DataLoader with workers created while training runs (in your own code: a callback, an extra "
+                 f"evaluation loader) can hang on a worker that never starts; the engine's own are forked first",
+                 f"Python >= {'.'.join(map(str, fixed))} (or 3.12+), or multiprocessing_context='forkserver' for "
+                 f"the DataLoaders your code creates")
+
+
 # ---------------------------------------------------------------------------- run root and disk
 def run_root(root: Path) -> Check:
     """The engine's own check (it creates the directory and writes a probe file)."""

@@ -121,6 +121,19 @@ def test_the_throughput_verdict_names_both_numbers():
     assert fast.status == OK and fast.detail.startswith("compute-bound: loader 9000 samples/s vs model 3400")
 
 
+def test_a_python_with_the_fork_deadlock_is_named_with_the_risk_and_the_fix():
+    """CPython gh-112275 (the CI hang's cause, found with gdb): 3.11 before 3.11.8 and 3.10 before 3.10.15."""
+    check = doctor_checks.python_fork((3, 11, 7))
+    assert check.status == WARN and "Python 3.11.7 can deadlock in os.fork()" in check.detail
+    assert "gh-112275" in check.detail and "DataLoader" in check.detail
+    assert "Python >= 3.11.8" in check.fix and "forkserver" in check.fix
+    assert doctor_checks.python_fork((3, 10, 12)).fix.startswith("Python >= 3.10.15")
+    for fine in ((3, 11, 8), (3, 11, 11), (3, 12, 0), (3, 13, 1), (3, 10, 16)):
+        assert doctor_checks.python_fork(fine).status == OK, fine
+    here = [c for c in doctor.environment_checks(1) if c.name == "python"]  # the doctor asks about this Python
+    assert here == [doctor_checks.python_fork(tuple(sys.version_info[:3]))]
+
+
 def test_the_table_shows_the_fix_of_what_is_not_ok():
     text = doctor.table([Check("torch", OK, "2.x"), Check("disk", FAIL, "1 GB free", "free space")])
     lines = text.splitlines()

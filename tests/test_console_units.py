@@ -10,6 +10,7 @@ import threading
 import warnings
 
 from ddp_train.tracking.console import setup_logging
+from ddp_train.tracking.loggers import ConsoleLogger
 from ddp_train.tracking.progress import Progress, bar_mode, clock, progress_line
 from ddp_train.tracking.warning_relay import Aggregator, WarningRelay, rank_list, tag
 
@@ -68,6 +69,47 @@ def test_without_a_terminal_lines_come_every_interval_and_at_each_epoch_end():
     assert lines[2].startswith("step 10/20 (50%) | epoch 1/2 done | 213 samples/s | loss 1.5 |"), lines[2]
     assert lines[-1].endswith("ETA 0:00:00") and "epoch 2/2 done" in lines[-1]
     assert "loss ?" in lines[0] and all("\r" not in ln for ln in lines)
+
+
+# One log interval's metrics as the trainer logs them on 2 GPUs (the set that made a ~400-character line).
+WINDOW = {"epoch": 3, "train/loss": 0.41234, "train/top1": 0.8712, "train/lr": 0.000853, "train/samples_per_s": 52311.4,
+          "train/step_time_s": 0.00122, "train/data_wait_frac": 0.0312, "train/skipped_steps": 0,
+          "perf/tflops_per_device": 311.2, "perf/mfu": 0.3147, "sys/slowest_rank": 1, "sys/slowest_host": "gpu-node-07",
+          "sys/slowest_ratio": 1.21, "sys/slowest_data_wait_frac": 0.05, "sys/minor_faults_per_step": 0.0,
+          "sys/peak_rss_growth_mb": 0.0, "sys/peak_gpu_mem_gb": 12.345, "gpu/rank0/util_pct": 97.0,
+          "gpu/rank1/util_pct": 95.0}
+
+
+def _console(metrics, mode="short", factor=1.5) -> str:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    logger = logging.getLogger("ddp_train")
+    old = (logger.handlers[:], logger.level, logger.propagate)
+    logger.handlers[:], logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        ConsoleLogger(mode, factor).log_metrics(metrics, 120)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = old
+    return out.getvalue().strip()
+
+
+def test_the_console_line_is_short_and_log_console_metrics_all_gives_every_metric():
+    short = _console(WINDOW)
+    assert short == ("epoch 3 | step 120 | loss 0.4123 | top1 87.1% | lr 0.000853 | 52,311 samples/s | data wait 3.1% "
+                     "| MFU 31.5% | GPU mem 12.3 GB"), short
+    assert len(short) <= 130
+    slow = _console({**WINDOW, "sys/slowest_ratio": 1.8, "train/skipped_steps": 2})  # over log.straggler_factor
+    assert slow.endswith("| skipped 2 | slowest rank 1 (gpu-node-07) 1.8x"), slow
+    assert "slowest" not in _console({**WINDOW, "sys/slowest_ratio": 1.8}, factor=2.0)
+    cpu = {k: v for k, v in WINDOW.items() if not k.startswith(("perf/mfu", "sys/peak_gpu", "gpu/"))}
+    assert "MFU" not in _console(cpu) and "GPU mem" not in _console(cpu)  # where unknown, left out
+    full = _console(WINDOW, "all")
+    assert full.startswith("epoch 3 | step 120 | train/loss 0.4123 | train/top1 0.8712")
+    assert all(f"{k} " in full for k in WINDOW if k != "epoch") and len(full) > 350
+    val = {"epoch": 3, "val/loss": 0.5, "val/top1": 0.86, "val/top5": 0.99, "val/count": 1000}
+    assert _console(val) == _console(val, "all") == ("epoch 3 | step 120 | val/loss 0.5 | val/top1 0.86 | "
+                                                      "val/top5 0.99 | val/count 1000")
 
 
 def test_bar_modes():

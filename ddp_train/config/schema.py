@@ -181,6 +181,10 @@ class LogConfig:
                 ".out); always | never (a bar regardless / plain lines only); true/false mean auto/never")
     progress_every_s: float = opt(30.0, "without a bar: one progress line (step/total, epoch, samples/s, loss, "
                                         "elapsed, ETA) every this many seconds, and one at each epoch end")
+    console_metrics: Literal["short", "all"] = opt(
+        "short", "rank 0's line per log interval: short (step, loss, top-1, lr, samples/s, data wait, MFU and "
+                 "GPU memory where known, the slowest rank when a straggler) | all (every metric); metrics.jsonl, "
+                 "W&B and TensorBoard get every metric either way")
     tensorboard: bool = opt(False, "also write the metrics as TensorBoard events under RUN_DIR/tb/")
     straggler_factor: float = opt(1.5, "warn once when one rank's own time per step (data wait + forward) is "
                                        "this many times the median rank's for 3 log intervals")

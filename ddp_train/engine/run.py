@@ -62,7 +62,7 @@ def build_loggers(cfg: Config, env: DistEnv, run_dir: Path) -> tuple[Logger, Jso
     if not env.is_main:
         return Logger(), NoState()
     history = JsonlLogger(run_dir / "metrics.jsonl")
-    loggers: list[Logger] = [ConsoleLogger(), history]
+    loggers: list[Logger] = [ConsoleLogger(cfg.log.console_metrics, cfg.log.straggler_factor), history]
     if cfg.log.wandb.mode != "disabled":
         from ..tracking.wandb_logger import WandbLogger
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .console_line import full_line, short_line
+
 log = logging.getLogger("ddp_train")
 
 
@@ -136,13 +138,17 @@ def _count_lines(path: Path) -> int:
 
 
 class ConsoleLogger(Logger):
-    """One line per log interval / evaluation, through logging (console + train.log)."""
+    """One line per log interval / evaluation, through logging (console + train.log): short or every metric
+    (log.console_metrics; see console_line)."""
+
+    def __init__(self, metrics: str = "short", straggler_factor: float = 1.5):
+        self.metrics, self.straggler_factor = metrics, straggler_factor
 
     def log_metrics(self, metrics, step):
-        parts = [f"step {step}"] + [f"{k} {_fmt(v)}" for k, v in metrics.items() if k != "epoch"]
-        if "epoch" in metrics:
-            parts.insert(0, f"epoch {metrics['epoch']}")
-        log.info(" | ".join(parts))
+        if self.metrics == "all":
+            log.info(full_line(metrics, step))
+        else:
+            log.info(short_line(metrics, step, self.straggler_factor))
 
 
 def _plain(v: Any) -> Any:
@@ -151,9 +157,3 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)
     return v
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return str(v)

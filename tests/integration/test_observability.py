@@ -53,6 +53,13 @@ def test_the_slow_rank_is_named_in_metrics_summary_and_one_warning(observed):
     assert len(named) >= 8, rows
     assert sorted(r["sys/slowest_ratio"] for r in named)[len(named) // 2] > 1.5  # over the others' median
     assert proc.stdout.count("straggler: rank 1 on") == 1  # warned once, not every interval
+    # The console's short line names the slow rank where it is over log.straggler_factor (1.5), and leaves
+    # the sys/* set to metrics.jsonl.
+    lines = [ln for ln in (run / "train.log").read_text().splitlines() if re.search(r"epoch \d+ \| step \d+ \| loss ", ln)]
+    assert len(lines) == 10 and not any("sys/" in ln or "train/" in ln for ln in lines), lines
+    for row, line in zip(rows, lines):  # the same intervals, in order
+        named_here = re.search(rf"\| slowest rank {row['sys/slowest_rank']} \(\S+\) \d+\.\dx$", line)
+        assert bool(named_here) == (row["sys/slowest_ratio"] >= 1.5), (row, line)
     table = json.loads((run / "summary.json").read_text())["per_rank"]
     assert [t["rank"] for t in table] == [0, 1] and all(t["steps"] == 40 for t in table)
     assert table[1]["own_s_per_step"] > 1.5 * table[0]["own_s_per_step"], table
